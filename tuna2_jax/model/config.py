@@ -1,0 +1,117 @@
+"""The frozen model configuration, its validation and the parameter count.
+
+The model modules read only this dataclass; `ModelConfig.from_dict` turns the `model` section of an
+ml_collections config into it and checks every invariant before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+ATTENTION_IMPLS = ("xla", "chunked")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_KINDS = ("1d", "mrope")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A configuration value that breaks an invariant; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and switches of the unified model (Qwen2.5-shaped decoder + pixel embeddings)."""
+  vocab_size: int = 512
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 128
+  rope_theta: float = 1e6
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = True
+  # "1d": the paper's plain RoPE over all tokens; "mrope": Qwen2-VL (t, h, w) sections.
+  rope: Literal["1d", "mrope"] = "1d"
+  # Rotary frequency pairs per M-RoPE axis (t, h, w); must sum to head_dim // 2. () picks 1/4, 3/8, 3/8.
+  mrope_section: tuple[int, ...] = ()
+  patch_size: int = 8
+  # Width of the sinusoidal timestep features before the TIME-slot MLP.
+  time_embed_dim: int = 256
+  # Pixel-embedding RMSNorm eps; the release uses torch's default (finfo(float32).eps).
+  patch_norm_eps: float = 1.1920929e-07
+  dtype: str = "float32"        # activation / compute dtype
+  param_dtype: str = "float32"  # master weights
+  attention: Literal["xla", "chunked"] = "xla"
+  attention_chunk: int = 512    # key / query block of the chunked attention
+  remat: str = "none"
+  scan_layers: bool = True
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"model: unknown field(s) {unknown}")
+    kw = dict(d)
+    if "mrope_section" in kw:
+      kw["mrope_section"] = tuple(kw["mrope_section"])
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "patch_size", "time_embed_dim", "attention_chunk")
+    for name in positive:
+      if int(getattr(self, name)) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by "
+                        f"model.num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+    if self.time_embed_dim % 2:
+      raise ConfigError(f"model.time_embed_dim ({self.time_embed_dim}) must be even")
+    for name, allowed in (("attention", ATTENTION_IMPLS), ("remat", REMAT_POLICIES), ("rope", ROPE_KINDS),
+                          ("dtype", DTYPES), ("param_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"model.{name}={getattr(self, name)!r} not in {allowed}")
+    if self.rope == "mrope" and sum(self.mrope_sections) != self.head_dim // 2:
+      raise ConfigError(f"model.mrope_section {self.mrope_section} must sum to head_dim // 2 = "
+                        f"{self.head_dim // 2}")
+
+  @property
+  def mrope_sections(self) -> tuple[int, int, int]:
+    if self.mrope_section:
+      return tuple(self.mrope_section)  # type: ignore[return-value]
+    half = self.head_dim // 2
+    hw = half * 3 // 8
+    return (half - 2 * hw, hw, hw)
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * 3
+
+
+def count_text_params(cfg: ModelConfig) -> int:
+  """Parameters of the Qwen2.5 text backbone (embeddings, decoder, final norm, LM head)."""
+  d, hd = cfg.hidden_size, cfg.head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if cfg.qkv_bias else 0)
+  mlp = 3 * d * cfg.mlp_dim
+  layer = attn + mlp + 2 * d
+  embed = cfg.vocab_size * d
+  head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+  return embed + cfg.num_layers * layer + d + head
+
+
+def count_multimodal_params(cfg: ModelConfig) -> int:
+  """Parameters Tuna-2 adds to the text backbone: pixel embedding and the TIME-slot MLP."""
+  d = cfg.hidden_size
+  patch = cfg.patch_dim * d + d + d  # linear + bias + RMSNorm
+  time = cfg.time_embed_dim * d + d + d * d + d
+  return patch + time
