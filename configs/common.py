@@ -1,0 +1,130 @@
+"""Shared pieces of the configs: the model size table, logical-axis rule presets, argument parsing.
+
+Every `configs/<name>.py` builds its ConfigDict from these, grouped as
+model, data, optim, train, mesh, checkpoint, eval.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Qwen2.5 shapes (config.json of the public checkpoints) plus two CPU sizes.
+MODEL_SIZES = {
+    #         hidden layers heads kv head_dim mlp   vocab   tied  patch dtype
+    "debug": (64, 2, 4, 2, 16, 128, 512, True, 8, "float32"),
+    "tiny": (128, 4, 4, 2, 32, 384, 512, True, 8, "float32"),
+    "0p5b": (896, 24, 14, 2, 64, 4864, 151_936, True, 16, "bfloat16"),
+    "1p5b": (1536, 28, 12, 2, 128, 8960, 151_936, True, 16, "bfloat16"),
+    "7b": (3584, 28, 28, 4, 128, 18944, 152_064, False, 16, "bfloat16"),
+}
+
+# Logical axis -> mesh axis rules, in order of precedence (flax picks the first unused mesh axis).
+# A name absent from the rules, or whose mesh axes are taken, is replicated.
+RULES = {
+    # FSDP over data-parallel replicas plus tensor parallelism over heads / mlp / vocab.
+    "fsdp_tp": (
+        ("batch", ("data", "fsdp")),
+        ("length", "sequence"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("layers", None),
+        ("head_dim", None),
+        ("patch", None),
+        ("time", None),
+    ),
+}
+# GPU node: FSDP across nodes and tensor inside the NVLink domain; TPU pod: FSDP over DCN + ICI,
+# tensor inside a slice. Both use the same logical rules; only the mesh shape differs.
+RULES["gpu_node"] = RULES["fsdp_tp"]
+RULES["tpu_pod"] = RULES["fsdp_tp"]
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'size=tiny,steps=100,runlocal' -> ConfigDict over `defaults` (types follow the defaults)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} not in {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """The `model` section for a size of MODEL_SIZES (fields of tuna2_jax.model.config.ModelConfig)."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"model size {size!r} not in {sorted(MODEL_SIZES)}")
+  hidden, layers, heads, kv, head_dim, mlp, vocab, tied, patch, dtype = MODEL_SIZES[size]
+  m = ml_collections.ConfigDict(dict(
+      vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+      head_dim=head_dim, mlp_dim=mlp, tie_embeddings=tied, patch_size=patch, dtype=dtype,
+      param_dtype="float32",
+      rope_theta=1e6, rms_eps=1e-6, qkv_bias=True,
+      # "1d" (the paper) or "mrope" (Qwen2-VL sections over (t, row, col)).
+      rope="1d", mrope_section=(),
+      time_embed_dim=256, patch_norm_eps=1.1920929e-07,
+      # "xla" dense masked attention; "chunked" online softmax with O(L) memory for long rows.
+      attention="xla" if size in ("debug", "tiny") else "chunked", attention_chunk=512,
+      # none | full | dots | dots_no_batch: what the backward pass keeps per layer.
+      remat="none" if size in ("debug", "tiny") else "full",
+      scan_layers=True,
+  ))
+  m.update(overrides)
+  return m
+
+
+def mesh_config(**shape) -> ml_collections.ConfigDict:
+  """Mesh axes (data, fsdp, tensor, sequence); one of them may be -1 = all remaining devices."""
+  axes = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+  axes.update(shape)
+  return ml_collections.ConfigDict(dict(shape=axes, rules="fsdp_tp"))
+
+
+def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_collections.ConfigDict:
+  """All sections with defaults; each named config adjusts what it needs."""
+  c = ml_collections.ConfigDict()
+  c.model = model_config(size)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "shapes"         # a builder of data/ (shapes | digits | folder) or any TFDS name
+  c.data.data_dir = "runs/data"     # where the TFDS / ArrayRecord builders wrote it
+  c.data.seq_len = seq_len          # tokens per packed row
+  c.data.global_batch_size = batch_size
+  c.data.tokenizer = "byte"         # byte | hf:<path to tokenizer.json>
+  c.data.seed = 0
+  c.data.num_workers = 0            # Grain worker processes (0 = in-process)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4                 # peak learning rate (the paper's stage 1)
+  c.optim.schedule = "cosine"       # constant | cosine | linear (after warmup)
+  c.optim.warmup_steps = 100
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.clip_norm = 1.0
+  c.optim.ema_decay = 0.0           # 0 disables the parameter EMA (the release uses 0.9999)
+  c.optim.grad_accum = 1            # micro-batches per step
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.text_loss_weight = 1.0
+
+  c.mesh = mesh_config()
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.init_from = ""       # another run's checkpoint or an HF Qwen2 directory
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                  # 0: only at the end
+  c.eval.num_examples = 64
+  return c
