@@ -1,5 +1,9 @@
-"""Training objectives on the packed batch: next-token cross-entropy (and, with the flow head, the
-pixel-space flow loss). Sums and counts are returned separately so micro-batches and hosts reduce exactly."""
+"""Training objectives on the packed batch.
+
+Each term is a (sum, count) pair; the loss is sum_k w_k * sum_k / count_k with counts taken over the whole
+global batch (`term_counts`), so k micro-batches of gradient accumulation equal one step on their
+concatenation exactly, and rows without a term (no text, no images) contribute nothing.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,31 @@ def text_cross_entropy(logits: jax.Array, tokens: jax.Array, weights: jax.Array)
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def compute_loss(params, batch: Mapping[str, jax.Array], rng: jax.Array, *, model, config
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The training objective: returns (scalar loss, metrics). `config` is the run's ConfigDict."""
-  del rng
+def term_counts(batch: Mapping[str, jax.Array], config) -> dict[str, jax.Array]:
+  """The normaliser of every loss term, from the batch alone (no model call)."""
+  del config
+  return {"text": jnp.sum(batch["text_loss"])}
+
+
+def loss_terms(params, batch: Mapping[str, jax.Array], rng: jax.Array, *, model, config,
+               step: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{term: (sum, count)} for one (micro-)batch."""
+  del rng, step, config
   out = model.apply({"params": params}, batch)
-  ce_sum, n_tokens = text_cross_entropy(out.logits, batch["tokens"], batch["text_loss"])
-  text_loss = ce_sum / jnp.maximum(n_tokens, 1.0)
-  loss = config.train.text_loss_weight * text_loss
-  return loss, {"loss": loss, "text_loss": text_loss, "text_tokens": n_tokens}
+  return {"text": text_cross_entropy(out.logits, batch["tokens"], batch["text_loss"])}
+
+
+def compute_loss(params, batch: Mapping[str, jax.Array], rng: jax.Array, *, model, config, step: jax.Array,
+                 counts: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(scalar loss, metrics). `counts` are the global-batch normalisers; default: this batch's own."""
+  terms = loss_terms(params, batch, rng, model=model, config=config, step=step)
+  counts = counts if counts is not None else {k: c for k, (_, c) in terms.items()}
+  weights = {"text": config.train.text_loss_weight}
+  loss, metrics = 0.0, {}
+  for name, (total, _) in terms.items():
+    value = total / jnp.maximum(counts[name], 1.0)
+    loss = loss + weights[name] * value
+    metrics[f"{name}_loss"] = value
+    metrics[f"{name}_count"] = counts[name]
+  metrics["loss"] = loss
+  return loss, metrics
