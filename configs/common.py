@@ -18,29 +18,18 @@ MODEL_SIZES = {
     "7b": (3584, 28, 28, 4, 128, 18944, 152_064, False, 16, "bfloat16"),
 }
 
-# Logical axis -> mesh axis rules, in order of precedence (flax picks the first unused mesh axis).
-# A name absent from the rules, or whose mesh axes are taken, is replicated.
-RULES = {
-    # FSDP over data-parallel replicas plus tensor parallelism over heads / mlp / vocab.
-    "fsdp_tp": (
-        ("batch", ("data", "fsdp")),
-        ("length", "sequence"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("layers", None),
-        ("head_dim", None),
-        ("patch", None),
-        ("time", None),
-    ),
+# Flow head shapes; its width is always the decoder's hidden size (the release: no projection between them).
+# 7b is the release's head (16 blocks, 56 q / 14 kv heads of dim 64, MLP = the Qwen intermediate size).
+# Smaller presets keep its ratios: head_dim 64, heads = hidden / 64, about 4 q heads per kv head, MLP = the
+# decoder's, and about half the decoder's depth (16 of 28 in the release).
+FLOW_HEAD_SIZES = {
+    #         layers heads kv head_dim mlp
+    "debug": (2, 4, 2, 16, 128),
+    "tiny": (2, 4, 2, 32, 384),
+    "0p5b": (12, 14, 7, 64, 4864),
+    "1p5b": (14, 24, 6, 64, 8960),
+    "7b": (16, 56, 14, 64, 18944),
 }
-# GPU node: FSDP across nodes and tensor inside the NVLink domain; TPU pod: FSDP over DCN + ICI,
-# tensor inside a slice. Both use the same logical rules; only the mesh shape differs.
-RULES["gpu_node"] = RULES["fsdp_tp"]
-RULES["tpu_pod"] = RULES["fsdp_tp"]
-
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'size=tiny,steps=100,runlocal' -> ConfigDict over `defaults` (types follow the defaults)."""
@@ -76,6 +65,17 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
       remat="none" if size in ("debug", "tiny") else "full",
       scan_layers=True,
   ))
+  flow_layers, flow_heads, flow_kv, flow_head_dim, flow_mlp = FLOW_HEAD_SIZES[size]
+  m.update(dict(
+      flow_layers=flow_layers, flow_heads=flow_heads, flow_kv_heads=flow_kv, flow_head_dim=flow_head_dim,
+      flow_mlp_dim=flow_mlp, flow_rms_eps=1e-5,
+      # 3-D RoPE (frame, row, col) on patches; () = 1/4, 3/8, 3/8 of the pairs (the release: 16:24:24).
+      flow_rope_theta=1e4, flow_rope_section=(),
+      # the head's 1-D text RoPE: theta 5e5 with llama3 scaling factor 32 (the release); 1.0 = no scaling.
+      flow_text_rope_theta=5e5, flow_text_rope_scaling=32.0,
+      # "spatial" (default) or "raster_chunks" (the release's output mapping, to load its weights).
+      unpatchify="spatial",
+  ))
   m.update(overrides)
   return m
 
@@ -84,6 +84,7 @@ def mesh_config(**shape) -> ml_collections.ConfigDict:
   """Mesh axes (data, fsdp, tensor, sequence); one of them may be -1 = all remaining devices."""
   axes = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   axes.update(shape)
+  # rules: a preset of tuna2_jax.sharding.RULES (fsdp_tp | gpu_node | tpu_pod) or explicit pairs.
   return ml_collections.ConfigDict(dict(shape=axes, rules="fsdp_tp"))
 
 
@@ -105,6 +106,7 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.optim.lr = 1e-4                 # peak learning rate (the paper's stage 1)
   c.optim.schedule = "cosine"       # constant | cosine | linear (after warmup)
   c.optim.warmup_steps = 100
+  c.optim.end_lr_factor = 0.0       # final lr as a fraction of optim.lr (cosine / linear)
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
   c.optim.weight_decay = 0.01
   c.optim.clip_norm = 1.0
@@ -116,6 +118,22 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.train.seed = 0
   c.train.log_every = 10
   c.train.text_loss_weight = 1.0
+  c.train.flow_loss_weight = 1.0    # the release: flow 1.0, NTP 1.0
+  # JiT flow matching (t = 1 clean): t = sigmoid(N(p_mean, p_std)) per generation image,
+  # eps ~ N(0, noise_scale^2).
+  c.train.flow_p_mean, c.train.flow_p_std = -0.8, 0.8
+  c.train.noise_scale = 2.0         # the release at 512 px; JiT scales it with resolution / 256
+  c.train.t_eps = 0.05              # clamp of 1 - t in the v-loss weight and the sampler
+  # Understanding images: t = 1, but with this probability t = 1 - U(0, und_noise_max)
+  # (the release: 0.1, 0.1).
+  c.train.und_noise_prob, c.train.und_noise_max = 0.1, 0.1
+  # Masked visual feature learning (the paper): in the last mask_last_fraction of training, each document is
+  # masked with probability mask_prob, a ratio r ~ U(mask_ratio_min, mask_ratio_max) of every image's patches
+  # (none when r <= 0). The release's form: mask_last_fraction=1, mask_prob=1, r ~ U(-0.7, 0.3)
+  # (tuna2_jax.flow.MASKING_PRESETS["release"]). mask_prob = 0 turns masking off.
+  c.train.mask_last_fraction = 0.4
+  c.train.mask_prob = 0.5
+  c.train.mask_ratio_min, c.train.mask_ratio_max = 0.0, 0.5
 
   c.mesh = mesh_config()
 

@@ -44,16 +44,43 @@ class RMSNorm(nn.Module):
     return (scale.astype(jnp.float32) * x32).astype(self.dtype)
 
 
+class DenseGeneral(nn.Module):
+  """y = x . W (+ b) contracting `axis` of x with the leading axes of W [*in, *features].
+
+  Our own instead of flax's DenseGeneral, which initialises a flattened 2-D kernel: a logical-partitioning
+  constraint of the full rank cannot apply to that flat value under a mesh.
+  """
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(a % x.ndim for a in self.axis)
+    shape = tuple(x.shape[a] for a in axis) + self.features
+    kernel = self.param("kernel", logical_init(self.kernel_init, self.names), shape, self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical_init(nn.initializers.zeros, self.names[-len(self.features):]),
+                        self.features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features: int | tuple[int, ...], names: Sequence[str | None], *, cfg: ModelConfig,
           use_bias: bool = False, axis: int | tuple[int, ...] = -1, name: str | None = None,
-          kernel_init: nn.initializers.Initializer | None = None) -> nn.DenseGeneral:
+          kernel_init: nn.initializers.Initializer | None = None) -> DenseGeneral:
   """A DenseGeneral whose kernel has logical names `names` (input axes first, then outputs)."""
-  kernel_init = kernel_init or nn.initializers.normal(0.02)
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features, axis=axis, use_bias=use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-      kernel_init=logical_init(kernel_init, names),
-      bias_init=logical_init(nn.initializers.zeros, names[-n_out:]), name=name)
+  return DenseGeneral(
+      features=(features,) if isinstance(features, int) else tuple(features), names=tuple(names),
+      axis=(axis,) if isinstance(axis, int) else tuple(axis), use_bias=use_bias, dtype=dtype_of(cfg.dtype),
+      param_dtype=dtype_of(cfg.param_dtype), kernel_init=kernel_init or nn.initializers.normal(0.02),
+      name=name)
 
 
 class MLP(nn.Module):
