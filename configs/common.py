@@ -94,13 +94,31 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.model = model_config(size)
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "shapes"         # a builder of data/ (shapes | digits | folder) or any TFDS name
+  c.data.dataset = "shapes"         # shapes | digits | folder | a TFDS name | a mixture "shapes:3,digits:1"
   c.data.data_dir = "runs/data"     # where the TFDS / ArrayRecord builders wrote it
   c.data.seq_len = seq_len          # tokens per packed row
   c.data.global_batch_size = batch_size
   c.data.tokenizer = "byte"         # byte | hf:<path to tokenizer.json>
   c.data.seed = 0
   c.data.num_workers = 0            # Grain worker processes (0 = in-process)
+  c.data.train_split = "train"
+  c.data.eval_split = "test"        # make_eval_examples reads it
+  # Tasks drawn per example (renormalised over what it supports): the paper's 7 : 3 generation :
+  # understanding over image data plus 20% text-only, an eighth of generation given to editing.
+  c.data.task_weights = ml_collections.ConfigDict(dict(understand=0.24, generate=0.49, edit=0.07, text=0.2))
+  c.data.cfg_drop_prob = 0.1        # a generation / edit document drops its prompt (CFG's unconditional)
+  c.data.image_mode = "free"        # free: own aspect ratio, sides multiples of p | buckets: nearest bucket
+  c.data.max_image_patches = 256    # patch budget per image (the paper: ~1K at p=16); rows may lower it
+  c.data.bucket_aspects = (1.0, 7 / 9, 9 / 7, 4 / 7, 7 / 4)  # height/width of buckets (image_mode=buckets)
+  c.data.max_qa_turns = 4           # question-answer turns per understanding document
+  c.data.packing = "best_fit"       # best_fit | first_fit (grain.experimental packers)
+  c.data.packing_bins = 32          # rows packed at once; more bins = less padding, more memory
+  c.data.max_skip_fraction = 0.05   # stop when more records than this are corrupt (after 100 seen)
+  c.data.max_image_side = 4096      # larger images count as invalid records
+  c.data.image_key = "image"        # feature names for a generic TFDS dataset
+  c.data.text_key = "caption"
+  c.data.read_threads = 1           # Grain read threads per process (more is slower on 2 cores)
+  c.data.prefetch = 16              # elements read ahead per process
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4                 # peak learning rate (the paper's stage 1)

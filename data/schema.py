@@ -46,7 +46,8 @@ def encode_record(example: dict[str, Any]) -> dict[str, Any]:
   return dict(
       id=example["id"], image=png_bytes(example["image"]), caption=example.get("caption", ""),
       prompt=example.get("prompt", ""), qa=list(example.get("qa", [])),
-      edits=[dict(instruction=e["instruction"], image=png_bytes(e["image"])) for e in example.get("edits", [])],
+      edits=[dict(instruction=e["instruction"], image=png_bytes(e["image"]))
+             for e in example.get("edits", [])],
       meta=json.dumps(example.get("meta", {})))
 
 

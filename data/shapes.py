@@ -10,8 +10,6 @@ caption, counting / color / position / relation / reading questions, a generatio
 
 from __future__ import annotations
 
-import functools
-
 import tensorflow_datasets as tfds
 from absl import app, flags
 

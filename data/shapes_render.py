@@ -68,8 +68,8 @@ class Scene:
   def word_bbox(self) -> tuple[int, int, int, int] | None:
     if self.word is None:
       return None
-    l, t, r, b = _font().getbbox(self.word)
-    return self.word_xy[0] + l, self.word_xy[1] + t, self.word_xy[0] + r - 1, self.word_xy[1] + b - 1
+    left, t, r, b = _font().getbbox(self.word)
+    return self.word_xy[0] + left, self.word_xy[1] + t, self.word_xy[0] + r - 1, self.word_xy[1] + b - 1
 
   def meta(self) -> dict[str, Any]:
     """JSON-ready metadata: the ground truth the questions are answered from."""
@@ -131,10 +131,10 @@ def sample_scene(rng: np.random.Generator) -> Scene:
   taken: list = []
   if width >= 48 and rng.random() < 0.4:
     word = str(rng.choice(WORDS))
-    l, t, r, b = _font().getbbox(word)
+    left, t, r, b = _font().getbbox(word)
     for _ in range(20):
       xy = (int(rng.integers(0, width - r + 1)), int(rng.integers(-t, height - b + 1)))
-      box = (xy[0] + l, xy[1] + t, xy[0] + r - 1, xy[1] + b - 1)
+      box = (xy[0] + left, xy[1] + t, xy[0] + r - 1, xy[1] + b - 1)
       if box[0] >= 0 and box[2] < width and box[3] < height:
         scene = dataclasses.replace(scene, word=word, word_xy=xy)
         taken.append(box)

@@ -1,0 +1,1 @@
+"""Grain input pipelines: sources, tokenizers, task templates, any-res images, packing."""
