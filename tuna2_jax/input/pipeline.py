@@ -81,6 +81,22 @@ def validate_data_config(config, process_count: int = 1) -> None:
   parse_mixture(d.dataset)
 
 
+def examples_dataset(config, source, *, name: str, seed: int, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+  """This process's shard of one source as an endless, per-epoch reshuffled MapDataset of `Example`s
+  (None where a record was skipped)."""
+  if len(source) < process_count:
+    raise ValueError(f"data.dataset: {name!r} has {len(source)} records, fewer than the {process_count} "
+                     f"processes")
+  decode = examples_lib.DecodeExamples(
+      image_key=_get(config, "image_key", "image"), text_key=_get(config, "text_key", "caption"),
+      max_side=_get(config, "max_image_side", 4096),
+      max_skip_fraction=_get(config, "max_skip_fraction", 0.05))
+  # Shard before shuffling: strided shards are disjoint whatever the seed, and each is reshuffled per epoch.
+  ds = grain.MapDataset.source(SafeSource(source, name))[process_index::process_count]
+  return ds.shuffle(seed=seed).repeat(None).map(decode)
+
+
 def make_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str | None = None,
                  sources: dict | None = None) -> grain.IterDataset:
   """The packed, batched training dataset of this process. `sources` ({name: random-access source})
@@ -90,21 +106,12 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1, spli
   split = split or _get(config, "train_split", "train")
   make_doc = MakeDocument(tokenizer_name=d.tokenizer, opts=task_options(config), weights=task_weights(config))
   special = tokenizer.get_tokenizer(config).special
-  decode = examples_lib.DecodeExamples(
-      image_key=_get(config, "image_key", "image"), text_key=_get(config, "text_key", "caption"),
-      max_side=_get(config, "max_image_side", 4096),
-      max_skip_fraction=_get(config, "max_skip_fraction", 0.05))
   parts, weights = [], []
   for k, (name, weight) in enumerate(parse_mixture(d.dataset)):
     src = sources[name] if sources is not None else open_source(name, d.data_dir, split)
-    if len(src) < process_count:
-      raise ValueError(f"data.dataset: {name!r} split {split!r} has {len(src)} records, fewer than the "
-                       f"{process_count} processes")
-    # Shard before shuffling: strided shards are disjoint whatever the seed, and each is reshuffled per epoch.
-    ds = grain.MapDataset.source(SafeSource(src, name))[process_index::process_count]
-    ds = ds.shuffle(seed=d.seed + 7919 * k).repeat(None)
-    ds = ds.map(decode).random_map(make_doc, seed=d.seed + 7919 * k + 1)
-    parts.append(ds)
+    ds = examples_dataset(config, src, name=name, seed=d.seed + 7919 * k, process_index=process_index,
+                          process_count=process_count)
+    parts.append(ds.random_map(make_doc, seed=d.seed + 7919 * k + 1))
     weights.append(weight)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=_get(config, "read_threads", 1),
