@@ -49,6 +49,7 @@ class TunaDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits in the shared schema of data/schema.py."""
 
   VERSION = tfds.core.Version(schema.VERSION)
+  code_path = schema.CODE_PATH
 
   def __init__(self, *, size: int = 32, num_workers: int = 0, **kwargs):
     if size % 16 or size < 16:

@@ -100,6 +100,7 @@ class TunaFolder(tfds.core.GeneratorBasedBuilder):
   """A user folder of images + JSONL in the shared schema of data/schema.py."""
 
   VERSION = tfds.core.Version(schema.VERSION)
+  code_path = schema.CODE_PATH
 
   def __init__(self, *, images: str = "", jsonl: str | None = None, test_percent: float = 0.0,
                max_side: int = 1024, num_workers: int = 0, **kwargs):

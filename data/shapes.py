@@ -27,6 +27,7 @@ class TunaShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes scenes; sizes and seed are constructor arguments (they do not change the schema)."""
 
   VERSION = tfds.core.Version(schema.VERSION)
+  code_path = schema.CODE_PATH
 
   def __init__(self, *, num_train: int = 20_000, num_validation: int = 0, num_test: int = 500, seed: int = 0,
                num_workers: int = 0, **kwargs):
