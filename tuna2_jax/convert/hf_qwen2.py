@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Mapping
@@ -211,16 +212,26 @@ def _init_fn(cfg: ModelConfig) -> Callable[[jax.Array], Params]:
   return lambda key: nn.meta.unbox(Tuna2(cfg).init(key, batch)["params"])
 
 
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  return flatten(jax.eval_shape(_init_fn(cfg), jax.random.key(0)))
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat name -> shape/dtype of every parameter of Tuna2(cfg), without allocating."""
-  return flatten(jax.eval_shape(_init_fn(cfg), jax.random.key(0)))
+  return dict(_expected_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=8)  # keeps the compiled init: re-importing a model skips the compile
+def _fresh_fn(cfg: ModelConfig, names: tuple[str, ...]) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  init = _init_fn(cfg)
+  return jax.jit(lambda key: {n: x for n, x in flatten(init(key)).items() if n in names})
 
 
 def _fresh(cfg: ModelConfig, names: list[str], seed: int) -> dict[str, np.ndarray]:
   """Tuna2's own initialisation of `names` for `seed`; XLA prunes the init of everything else."""
-  init = _init_fn(cfg)
-  pick = jax.jit(lambda key: {n: x for n, x in flatten(init(key)).items() if n in names})
-  return {n: np.asarray(x) for n, x in pick(jax.random.key(seed)).items()}
+  out = _fresh_fn(cfg, tuple(sorted(names)))(jax.random.key(seed))
+  return {n: np.asarray(x) for n, x in out.items()}
 
 
 def check_params(cfg: ModelConfig, flat: Mapping[str, Any], where: str) -> None:
