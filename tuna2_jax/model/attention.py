@@ -8,19 +8,21 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from tuna2_jax.kernels import xla_attention
+from tuna2_jax.kernels import dispatch
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.layers import apply_rope, constrain, dense
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array, attn_end: jax.Array,
-           impl: str, chunk: int = 512) -> jax.Array:
-  """softmax(q k^T / sqrt(D)) v under the hybrid mask; q [B, L, Hq, D], k/v [B, L, Hkv, D]."""
-  if impl == "xla":
-    return xla_attention.dense_attention(q, k, v, segment_ids, attn_end)
-  if impl == "chunked":
-    return xla_attention.chunked_attention(q, k, v, segment_ids, attn_end, chunk=chunk)
-  raise ValueError(f"unknown attention backend {impl!r}")
+           impl: str, chunk: int = 512, block_q: int | None = None,
+           block_k: int | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v under the hybrid mask; q [B, L, Hq, D], k/v [B, L, Hkv, D].
+
+  `impl` is `model.attention` ("auto" | "xla" | "chunked" | "pallas" | "cudnn" | "ring"); the choice per
+  platform and mesh, and any fallback with its reason, is made and logged by `kernels.dispatch`.
+  """
+  return dispatch.attention(q, k, v, segment_ids=segment_ids, attn_end=attn_end, impl=impl, chunk=chunk,
+                            block_q=block_q, block_k=block_k)
 
 
 class Attention(nn.Module):
