@@ -13,6 +13,7 @@ from typing import Any, Literal
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn", "ring")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_KINDS = ("1d", "mrope")
+UNPATCHIFY_KINDS = ("spatial", "raster_chunks")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,6 +55,22 @@ class ModelConfig:
   attention_block_k: int = 0
   remat: str = "none"
   scan_layers: bool = True
+  # Flow head (a DiT-style transformer of width hidden_size over the decoder's final-normed states).
+  flow_layers: int = 2
+  flow_heads: int = 4
+  flow_kv_heads: int = 2
+  flow_head_dim: int = 16
+  flow_mlp_dim: int = 128
+  flow_rms_eps: float = 1e-5          # block RMSNorm eps (the release: 1e-5; QK-norm and final norm 1e-6)
+  flow_rope_theta: float = 1e4        # 3-D RoPE on patches (frame, row, col)
+  # Rotary pairs per 3-D axis (frame, row, col); must sum to flow_head_dim // 2. () picks 1/4, 3/8, 3/8
+  # (the release: 16:24:24 of head_dim 64).
+  flow_rope_section: tuple[int, ...] = ()
+  flow_text_rope_theta: float = 5e5   # 1-D RoPE on text inside the head (the release: 5e5, llama3 scaling)
+  flow_text_rope_scaling: float = 32.0  # llama3 rope_scaling factor of the head's text RoPE; 1 = off
+  # "spatial": output token k predicts the patch input token k embedded; "raster_chunks": the release's
+  # mapping (token k = p*p consecutive raster-order pixels), needed only to load its weights.
+  unpatchify: Literal["spatial", "raster_chunks"] = "spatial"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -64,6 +81,8 @@ class ModelConfig:
     kw = dict(d)
     if "mrope_section" in kw:
       kw["mrope_section"] = tuple(kw["mrope_section"])
+    if "flow_rope_section" in kw:
+      kw["flow_rope_section"] = tuple(kw["flow_rope_section"])
     cfg = cls(**kw)
     cfg.validate()
     return cfg
@@ -89,6 +108,21 @@ class ModelConfig:
                           ("dtype", DTYPES), ("param_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} not in {allowed}")
+    for name in ("flow_layers", "flow_heads", "flow_kv_heads", "flow_head_dim", "flow_mlp_dim"):
+      if int(getattr(self, name)) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.flow_heads % self.flow_kv_heads:
+      raise ConfigError(f"model.flow_heads ({self.flow_heads}) must be divisible by "
+                        f"model.flow_kv_heads ({self.flow_kv_heads})")
+    if self.flow_head_dim % 2:
+      raise ConfigError(f"model.flow_head_dim ({self.flow_head_dim}) must be even for rotary embeddings")
+    if sum(self.flow_rope_sections) != self.flow_head_dim // 2 or min(self.flow_rope_sections) < 0:
+      raise ConfigError(f"model.flow_rope_section {self.flow_rope_section} must be 3 non-negative ints "
+                        f"summing to flow_head_dim // 2 = {self.flow_head_dim // 2}")
+    if self.flow_text_rope_scaling < 1:
+      raise ConfigError(f"model.flow_text_rope_scaling must be >= 1, got {self.flow_text_rope_scaling}")
+    if self.unpatchify not in UNPATCHIFY_KINDS:
+      raise ConfigError(f"model.unpatchify={self.unpatchify!r} not in {UNPATCHIFY_KINDS}")
     if self.rope == "mrope" and sum(self.mrope_sections) != self.head_dim // 2:
       raise ConfigError(f"model.mrope_section {self.mrope_section} must sum to head_dim // 2 = "
                         f"{self.head_dim // 2}")
@@ -98,6 +132,16 @@ class ModelConfig:
     if self.mrope_section:
       return tuple(self.mrope_section)  # type: ignore[return-value]
     half = self.head_dim // 2
+    hw = half * 3 // 8
+    return (half - 2 * hw, hw, hw)
+
+  @property
+  def flow_rope_sections(self) -> tuple[int, int, int]:
+    if self.flow_rope_section:
+      if len(self.flow_rope_section) != 3:
+        raise ConfigError(f"model.flow_rope_section needs 3 entries, got {self.flow_rope_section}")
+      return tuple(self.flow_rope_section)  # type: ignore[return-value]
+    half = self.flow_head_dim // 2
     hw = half * 3 // 8
     return (half - 2 * hw, hw, hw)
 
