@@ -93,7 +93,7 @@ def test_resize_method_matters():
 @pytest.mark.parametrize("name", FIXTURES)
 def test_export_round_trip(name: str):
   cfg = config(name)
-  tensors = siglip2.read_hf_tensors(fixture_dir(name))
+  tensors = siglip2.read_tensors(fixture_dir(name))
   params, report = siglip2.import_state(tensors, cfg)
   back = siglip2.export_state(params, cfg, conv=report.conv)
   assert sorted(back) == sorted(report.loaded)
@@ -103,7 +103,7 @@ def test_export_round_trip(name: str):
 
 def test_errors_name_the_tensor_and_field():
   cfg = config("siglip_fixed")
-  tensors = dict(siglip2.read_hf_tensors(fixture_dir("siglip_fixed")))
+  tensors = dict(siglip2.read_tensors(fixture_dir("siglip_fixed")))
   bad = dict(tensors, **{"encoder.layers.1.mlp.fc1.weight": np.zeros((7, 48), np.float32)})
   with pytest.raises(ConversionError, match=r"encoder\.layers\.1\.mlp\.fc1\.weight.*\(7, 48\).*\(88, 48\)"):
     siglip2.import_state(bad, cfg)

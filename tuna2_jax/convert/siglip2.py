@@ -18,18 +18,66 @@ import dataclasses
 import json
 import math
 import pathlib
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from tuna2_jax import sequence
-from tuna2_jax.convert.hf_qwen2 import ConversionError, Params, PathLike, flatten, read_hf_tensors, unflatten
+from tuna2_jax.convert.hf_qwen2 import ConversionError, Params, PathLike, flatten, unflatten
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.vision_encoder import VisionEncoder
+
+# ----------------------------------------------------------------------------------------------------
+# Reading safetensors. safetensors.numpy cannot return BF16 (numpy has no bfloat16), and torch checkpoints
+# are usually BF16: the format is simple enough to map directly, with ml_dtypes' bfloat16.
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of one .safetensors file as a read-only memory map (nothing is copied until used)."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  # np.memmap refuses an empty range (a file of empty tensors only)
+  empty = pathlib.Path(path).stat().st_size == 8 + n
+  data = np.zeros(0, np.uint8) if empty else np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _ST_DTYPES:
+      raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    out[name] = data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+  return out
+
+
+def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
+  """A .safetensors file, or a directory with model.safetensors or the shards of model.safetensors.index.json."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return read_safetensors(path)
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (path / "model.safetensors").is_file():
+    files = ["model.safetensors"]
+  else:
+    raise ConversionError(f"{path}: neither a .safetensors file nor a directory with model.safetensors "
+                          "or model.safetensors.index.json")
+  tensors: dict[str, np.ndarray] = {}
+  for f in files:
+    tensors.update(read_safetensors(path / f))
+  return tensors
+
 
 # ----------------------------------------------------------------------------------------------------
 # Torch layouts <-> ours. Torch Linear weights are [out, in]; our kernels are [in..., out...].
@@ -256,7 +304,7 @@ def import_siglip(hf_dir: PathLike, cfg: ModelConfig) -> tuple[Params, SiglipRep
     raise ConversionError(f"{hf_dir}: no config.json")
   fields = vision_fields_from_hf(json.loads((hf_dir / "config.json").read_text()))
   check_vision_config(cfg, fields, str(hf_dir))
-  return import_state(read_hf_tensors(hf_dir), cfg, where=str(hf_dir))
+  return import_state(read_tensors(hf_dir), cfg, where=str(hf_dir))
 
 
 def export_state(params: Params, cfg: ModelConfig, *, conv: bool = True, torch_prefix: str = "") -> dict[str, np.ndarray]:

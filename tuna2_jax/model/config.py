@@ -14,6 +14,8 @@ ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn", "ring")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_KINDS = ("1d", "mrope")
 UNPATCHIFY_KINDS = ("spatial", "raster_chunks")
+VARIANTS = ("tuna2", "tuna_r")
+VISION_POS_RESIZE = ("bilinear", "bicubic")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +73,21 @@ class ModelConfig:
   # "spatial": output token k predicts the patch input token k embedded; "raster_chunks": the release's
   # mapping (token k = p*p consecutive raster-order pixels), needed only to load its weights.
   unpatchify: Literal["spatial", "raster_chunks"] = "spatial"
+  # "tuna2": images enter through the patch embedding; "tuna_r": every image (clean or noisy) goes through a
+  # SigLIP-shaped ViT (patch size = patch_size) and a connector (RMSNorm -> Linear -> GELU -> Linear).
+  variant: Literal["tuna2", "tuna_r"] = "tuna2"
+  vision_hidden_size: int = 64
+  # Layers of the ViT checkpoint; the encoder keeps those up to vision_feature_layer (-2: all but the last).
+  vision_num_layers: int = 3
+  vision_feature_layer: int = -2
+  vision_num_heads: int = 4
+  vision_mlp_dim: int = 128
+  vision_ln_eps: float = 1e-6
+  # Side of the learned square position table (So400M/16 at 384: 24; the release's Tuna-R at 512: 32).
+  vision_pos_grid: int = 4
+  # Position-table resize to each image's patch grid: "bilinear" (SigLIP2 NaFlex, antialiased) or "bicubic"
+  # (SigLIP's interpolate_pos_encoding, the path the release's Tuna-R runs).
+  vision_pos_resize: Literal["bilinear", "bicubic"] = "bilinear"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -123,6 +140,10 @@ class ModelConfig:
       raise ConfigError(f"model.flow_text_rope_scaling must be >= 1, got {self.flow_text_rope_scaling}")
     if self.unpatchify not in UNPATCHIFY_KINDS:
       raise ConfigError(f"model.unpatchify={self.unpatchify!r} not in {UNPATCHIFY_KINDS}")
+    if self.variant not in VARIANTS:
+      raise ConfigError(f"model.variant={self.variant!r} not in {VARIANTS}")
+    if self.variant == "tuna_r":
+      self._validate_vision()
     if self.rope == "mrope" and sum(self.mrope_sections) != self.head_dim // 2:
       raise ConfigError(f"model.mrope_section {self.mrope_section} must sum to head_dim // 2 = "
                         f"{self.head_dim // 2}")
@@ -144,6 +165,26 @@ class ModelConfig:
     half = self.flow_head_dim // 2
     hw = half * 3 // 8
     return (half - 2 * hw, hw, hw)
+
+  def _validate_vision(self) -> None:
+    for name in ("vision_hidden_size", "vision_num_layers", "vision_num_heads", "vision_mlp_dim",
+                 "vision_pos_grid"):
+      if int(getattr(self, name)) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.vision_hidden_size % self.vision_num_heads:
+      raise ConfigError(f"model.vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
+                        f"model.vision_num_heads ({self.vision_num_heads})")
+    if not 1 <= self.vision_kept_layers <= self.vision_num_layers:
+      raise ConfigError(f"model.vision_feature_layer={self.vision_feature_layer} keeps "
+                        f"{self.vision_kept_layers} of model.vision_num_layers={self.vision_num_layers} layers")
+    if self.vision_pos_resize not in VISION_POS_RESIZE:
+      raise ConfigError(f"model.vision_pos_resize={self.vision_pos_resize!r} not in {VISION_POS_RESIZE}")
+
+  @property
+  def vision_kept_layers(self) -> int:
+    """ViT layers the encoder runs: feature layer -k keeps all but the last k - 1 (HF hidden_states[-k])."""
+    f = self.vision_feature_layer
+    return f + 1 if f >= 0 else self.vision_num_layers + f + 1
 
   @property
   def patch_dim(self) -> int:
