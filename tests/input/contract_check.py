@@ -10,8 +10,9 @@ def check_row(row: dict, *, seq_len: int, patch_size: int, special: seq.SpecialT
   shapes = dict(tokens=(seq_len,), modality=(seq_len,), segment_ids=(seq_len,), attn_end=(seq_len,),
                 positions=(3, seq_len), patches=(seq_len, patch_size * patch_size * 3), image_ids=(seq_len,),
                 image_role=(seq_len,), text_loss=(seq_len,))
-  dtypes = dict(tokens=np.int32, modality=np.int8, segment_ids=np.int32, attn_end=np.int32, positions=np.int32,
-                patches=np.uint8, image_ids=np.int32, image_role=np.int8, text_loss=np.float32)
+  dtypes = dict(tokens=np.int32, modality=np.int8, segment_ids=np.int32, attn_end=np.int32,
+                positions=np.int32, patches=np.uint8, image_ids=np.int32, image_role=np.int8,
+                text_loss=np.float32)
   assert set(row) == set(seq.FIELDS), sorted(row)
   for k in seq.FIELDS:
     assert row[k].shape == shapes[k] and row[k].dtype == dtypes[k], (k, row[k].shape, row[k].dtype)

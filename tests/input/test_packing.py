@@ -81,6 +81,7 @@ def test_buckets():
   assert all(gh * gw <= 256 for gh, gw in grids)
   out = images.fit_image(np.zeros((60, 120, 3), np.uint8), patch_size=8, max_patches=256, mode="buckets",
                          aspects=(1.0, 0.5, 2.0))
-  assert out.shape[:2] == (images.bucket_grids(256, (0.5,))[0][0] * 8, images.bucket_grids(256, (0.5,))[0][1] * 8)
+  gh, gw = images.bucket_grids(256, (0.5,))[0]
+  assert out.shape[:2] == (gh * 8, gw * 8)
   with pytest.raises(ValueError, match="image_mode"):
     images.fit_image(out, patch_size=8, max_patches=4, mode="bogus")

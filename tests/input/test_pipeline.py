@@ -1,4 +1,5 @@
-"""The Grain pipeline end to end on a small tuna_shapes dataset: contract, determinism, resume, sharding, skips."""
+"""The Grain pipeline end to end on a small tuna_shapes dataset: contract, determinism, resume, sharding,
+skips."""
 
 import gc
 import io
@@ -161,3 +162,16 @@ def test_cfg_drop_and_unconditional_row(debug_config):
   for k in seq.FIELDS:
     np.testing.assert_array_equal(uncond[k], train_row[k])
   assert tok.decode(cond["tokens"][cond["modality"] == seq.TEXT]) == "Draw a red circle."
+
+
+def test_mixture_with_a_generic_image_text_source(debug_config, shapes_dir):
+  c = debug_config
+  c.data.dataset = "shapes:1,plain:1"
+  plain = [{"image": np.full((24, 40), 10 * i, np.uint8), "caption": f"gray level {i}"} for i in range(10)]
+  src = tfds.data_source("tuna_shapes", split="train", data_dir=shapes_dir)
+  batch = next(iter(pipeline.make_dataset(c, sources={"shapes": src, "plain": plain})))
+  tok = tokenizer.get_tokenizer(c)
+  check_batch(batch, batch_size=c.data.global_batch_size, seq_len=c.data.seq_len,
+              patch_size=c.model.patch_size, special=tok.special)
+  text = "".join(tok.decode(row) for row in batch["tokens"])
+  assert "gray level" in text and ("shape" in text or "Draw" in text)
