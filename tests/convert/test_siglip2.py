@@ -30,7 +30,8 @@ ATOL = 1e-4  # float32 hidden states of O(5): only layout or math errors exceed 
 def fixture_dir(name: str):
   d = GOLDEN_DIR / name
   if not (d / "golden.safetensors").is_file():
-    pytest.skip(f"no {name} fixture under {GOLDEN_DIR}: run tests/golden/make_golden_siglip2.py --out={GOLDEN_DIR}")
+    pytest.skip(f"no {name} fixture under {GOLDEN_DIR}: run "
+                f"tests/golden/make_golden_siglip2.py --out={GOLDEN_DIR}")
   return d
 
 
@@ -46,7 +47,8 @@ def packed_row(golden: dict[str, np.ndarray], patch: int) -> tuple[dict[str, np.
   parts: list = []
   for i in range(n):
     h, w = golden[f"grid_{i}"]
-    parts += [sequence.Text([7, 8, 9][: i + 1]), sequence.Image(np.zeros((h * patch, w * patch, 3), np.uint8))]
+    image = np.zeros((h * patch, w * patch, 3), np.uint8)
+    parts += [sequence.Text([7, 8, 9][: i + 1]), sequence.Image(image)]
   row = sequence.pack_documents([parts], seq_len=sequence.document_length(parts, patch) + 5, patch_size=patch)
   pixels = np.zeros(row["patches"].shape, np.float32)
   where = []
@@ -63,8 +65,11 @@ def encode(cfg: ModelConfig, params, batch, pixels) -> np.ndarray:
   return np.asarray(fn(params, pixels))[0]
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=False), dict(attention="chunked", attention_chunk=16)],
-                         ids=["scanned", "unscanned", "chunked"])
+VARIANTS = {"scanned": {}, "unscanned": dict(scan_layers=False),
+            "chunked": dict(attention="chunked", attention_chunk=16)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
 @pytest.mark.parametrize("name", FIXTURES)
 def test_import_matches_hf_hidden_states(name: str, variant: dict):
   cfg = config(name, **variant)
@@ -116,4 +121,5 @@ def test_errors_name_the_tensor_and_field():
   prefixed = {f"vision_model.{k}": v for k, v in tensors.items()} | {"text_model.x": np.zeros(2, np.float32)}
   params, report = siglip2.import_state(prefixed, cfg)
   assert "text_model.x" in report.unused
-  np.testing.assert_array_equal(flatten(params)["patch_embed/bias"], tensors["embeddings.patch_embedding.bias"])
+  np.testing.assert_array_equal(flatten(params)["patch_embed/bias"],
+                                tensors["embeddings.patch_embedding.bias"])

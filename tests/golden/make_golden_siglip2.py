@@ -6,18 +6,20 @@ Runs in the parity venv (torch + transformers), never imports tuna2_jax, needs n
 
 Two fixtures, because two HF classes matter and they resize the learned position table differently:
 
-- `siglip2_naflex`: `Siglip2VisionModel` (NaFlex). Linear patch embedding of pre-patchified pixels in (row, col,
-  channel) order, position table resized to each image's grid with `bilinear` + antialias. Our default path;
-  its resize is matched exactly (both sides compute the same separable triangle-filter weights).
-- `siglip_fixed`: `SiglipVisionModel`, the class the official Tuna-R wraps (`SiglipVisionTransformer` called with
-  `interpolate_pos_encoding=True`; the So400M/16 SigLIP2 checkpoint ships in this format): Conv2d patch embedding,
-  position table resized with torch's `bicubic` (a = -0.75, align_corners=False). Our `vision_pos_resize="bicubic"`.
+- `siglip2_naflex`: `Siglip2VisionModel` (NaFlex). Linear patch embedding of pre-patchified pixels in (row,
+  col, channel) order, position table resized to each image's grid with `bilinear` + antialias. Our default
+  path; its resize is matched exactly (both sides compute the same separable triangle-filter weights).
+- `siglip_fixed`: `SiglipVisionModel`, the class the official Tuna-R wraps (`SiglipVisionTransformer` called
+  with `interpolate_pos_encoding=True`; the So400M/16 SigLIP2 checkpoint ships in this format): Conv2d patch
+  embedding, position table resized with torch's `bicubic` (a = -0.75, align_corners=False): our
+  `vision_pos_resize="bicubic"`.
 
-Both use odd grids on purpose: a 4 x 4 position table read at 3 x 5 and 6 x 2 patches exercises downsampling and
-upsampling on each axis. Writes `OUT/<name>/` (save_pretrained: config.json + model.safetensors) and
-`OUT/<name>/golden.safetensors` holding, per input i, `pixels_i` float32 [N_i, p*p*3] (our patch layout: raster
-patches, (row, col, channel) inside), `grid_i` int32 [2], and `hidden_i` float32 [N_i, D] = HF `hidden_states[-2]`
-(the output of all layers but the last: the release's feature layer -2, no post-LayerNorm).
+Both use odd grids on purpose: a 4 x 4 position table read at 3 x 5 and 6 x 2 patches exercises downsampling
+and upsampling on each axis. Writes `OUT/<name>/` (save_pretrained: config.json + model.safetensors) and
+`OUT/<name>/golden.safetensors` holding, per input i, `pixels_i` float32 [N_i, p*p*3] (our patch layout:
+raster patches, (row, col, channel) inside), `grid_i` int32 [2], and `hidden_i` float32 [N_i, D] = HF
+`hidden_states[-2]` (the output of all layers but the last: the release's feature layer -2, no
+post-LayerNorm).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionCo
 
 PATCH = 4
 GRIDS = ((3, 5), (6, 2))
-COMMON = dict(hidden_size=48, intermediate_size=88, num_hidden_layers=3, num_attention_heads=3, patch_size=PATCH,
-              layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", attention_dropout=0.0)
+COMMON = dict(hidden_size=48, intermediate_size=88, num_hidden_layers=3, num_attention_heads=3,
+              patch_size=PATCH, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", attention_dropout=0.0)
 
 
 def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -51,7 +53,7 @@ def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def to_patches(image: torch.Tensor) -> torch.Tensor:
-  """[C, H, W] -> [(H/p)*(W/p), p*p*C], raster patches, (row, col, channel) inside (as Siglip2's processor)."""
+  """[C, H, W] -> [(H/p)*(W/p), p*p*C]: raster patches, (row, col, channel) inside (Siglip2's processor)."""
   c, h, w = image.shape
   x = image.reshape(c, h // PATCH, PATCH, w // PATCH, PATCH).permute(1, 3, 2, 4, 0)
   return x.reshape((h // PATCH) * (w // PATCH), PATCH * PATCH * c)

@@ -1,9 +1,10 @@
 """Hugging Face SigLIP / SigLIP2 vision towers -> Tuna-R's `VisionEncoder` params (safetensors, no torch).
 
-Reads a `save_pretrained` directory of `SiglipVisionModel` (Conv2d patch embedding; the format of the fixed-res
-SigLIP2 checkpoints such as So400M/16-384, and the class the release's Tuna-R wraps) or `Siglip2VisionModel`
-(NaFlex: Linear patch embedding of (row, col, channel) patches), also inside a full `SiglipModel`. The layers
-past `model.vision_feature_layer`, the post-LayerNorm and the pooling head are not used and are reported.
+Reads a `save_pretrained` directory of `SiglipVisionModel` (Conv2d patch embedding; the format of the
+fixed-res SigLIP2 checkpoints such as So400M/16-384, and the class the release's Tuna-R wraps) or
+`Siglip2VisionModel` (NaFlex: Linear patch embedding of (row, col, channel) patches), also inside a full
+`SiglipModel`. The layers past `model.vision_feature_layer`, the post-LayerNorm and the pooling head are not
+used and are reported.
 
 Also holds the torch-layout table machinery that `tuna2_jax.convert.official` reuses: an explicit list of
 (torch name, our flat name, layout) entries, converted both ways with shape checks that name the tensor.
@@ -38,7 +39,8 @@ from tuna2_jax.model.vision_encoder import VisionEncoder
 # are usually BF16: the format is simple enough to map directly, with ml_dtypes' bfloat16.
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
 
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
@@ -61,7 +63,7 @@ def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
 
 
 def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
-  """A .safetensors file, or a directory with model.safetensors or the shards of model.safetensors.index.json."""
+  """A .safetensors file, or a directory of model.safetensors or of model.safetensors.index.json's shards."""
   path = pathlib.Path(path)
   if path.is_file():
     return read_safetensors(path)
@@ -131,7 +133,7 @@ def join(*parts: str) -> str:
 
 
 def layer_name(prefix: str, i: int, rel: str, scan: bool) -> tuple[str, int | None]:
-  """Our flat name and stack index of layer i's `rel` under `prefix` (scanned: prefix/layers, else layers_i)."""
+  """Our flat name and stack index of layer i's `rel` under `prefix` (scanned: layers, else layers_i)."""
   return (join(prefix, "layers", rel), i) if scan else (join(prefix, f"layers_{i}", rel), None)
 
 
@@ -199,8 +201,9 @@ _LAYER = (
 )
 
 
-def siglip_table(cfg: ModelConfig, *, torch_prefix: str = "", ours: str = "", conv: bool = True) -> list[Entry]:
-  """Entries of the kept ViT layers and the embeddings. conv: Conv2d patch kernel (SigLIP) or Linear (SigLIP2)."""
+def siglip_table(cfg: ModelConfig, *, torch_prefix: str = "", ours: str = "",
+                 conv: bool = True) -> list[Entry]:
+  """Entries of the embeddings and the kept ViT layers. conv: SigLIP's Conv2d patch kernel, else a Linear."""
   out = [Entry(f"{torch_prefix}embeddings.patch_embedding.weight", join(ours, "patch_embed/kernel"),
                "conv" if conv else "linear1"),
          Entry(f"{torch_prefix}embeddings.patch_embedding.bias", join(ours, "patch_embed/bias"), "same"),
@@ -232,7 +235,8 @@ def vision_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     grid = math.isqrt(int(hf.get("num_patches", 256)))
   else:
     grid = int(hf.get("image_size", 224)) // patch
-  return dict(vision_hidden_size=int(hf.get("hidden_size", 768)), vision_num_layers=int(hf.get("num_hidden_layers", 12)),
+  return dict(vision_hidden_size=int(hf.get("hidden_size", 768)),
+              vision_num_layers=int(hf.get("num_hidden_layers", 12)),
               vision_num_heads=int(hf.get("num_attention_heads", 12)),
               vision_mlp_dim=int(hf.get("intermediate_size", 3072)),
               vision_ln_eps=float(hf.get("layer_norm_eps", 1e-6)), vision_pos_grid=grid, patch_size=patch,
@@ -307,7 +311,8 @@ def import_siglip(hf_dir: PathLike, cfg: ModelConfig) -> tuple[Params, SiglipRep
   return import_state(read_tensors(hf_dir), cfg, where=str(hf_dir))
 
 
-def export_state(params: Params, cfg: ModelConfig, *, conv: bool = True, torch_prefix: str = "") -> dict[str, np.ndarray]:
+def export_state(params: Params, cfg: ModelConfig, *, conv: bool = True,
+                 torch_prefix: str = "") -> dict[str, np.ndarray]:
   """VisionEncoder params -> HF tensors of the kept layers (the inverse of `import_state`)."""
   return export_table(siglip_table(cfg, torch_prefix=torch_prefix, conv=conv), flatten(params))
 
@@ -329,7 +334,8 @@ def merge_encoder(params: Params, encoder: Params) -> Params:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m tuna2_jax.convert.siglip2", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m tuna2_jax.convert.siglip2",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True)
   parser.add_argument("--out", required=True, help="a .safetensors file of the flat VisionEncoder params")
   parser.add_argument("--feature_layer", type=int, default=-2)

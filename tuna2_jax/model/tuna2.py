@@ -22,6 +22,7 @@ from tuna2_jax.model.flow_head import FlowHead, output_to_patches
 from tuna2_jax.model.layers import constrain, dense, dtype_of, logical_init, rope_tables
 from tuna2_jax.model.patch_embed import PatchEmbed, TimestepEmbed, normalize_pixels
 from tuna2_jax.model.transformer import Decoder
+from tuna2_jax.model.vision_encoder import VisionEmbed
 
 
 @flax.struct.dataclass
@@ -66,7 +67,11 @@ class Tuna2(nn.Module):
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
                           param_dtype=dtype_of(cfg.param_dtype),
                           embedding_init=logical_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.patch_embed = PatchEmbed(cfg)
+    if cfg.variant == "tuna_r":
+      # Tuna-R: a SigLIP-shaped ViT + connector reads every image (clean or noisy) instead of the patch embed.
+      self.vision = VisionEmbed(cfg)
+    else:
+      self.patch_embed = PatchEmbed(cfg)
     self.time_embed = TimestepEmbed(cfg)
     # Masked visual feature learning: one learnable token, N(0, 1) / sqrt(D) as in the release.
     self.mask_token = self.param("mask_token", logical_init(nn.initializers.normal(cfg.hidden_size ** -0.5),
@@ -78,8 +83,8 @@ class Tuna2(nn.Module):
       self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), cfg=cfg)
 
   def embed_inputs(self, batch: Mapping[str, jax.Array], *, pixels: jax.Array | None = None,
-                   t: jax.Array | None = None,
-                   patch_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   t: jax.Array | None = None, patch_mask: jax.Array | None = None,
+                   start: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
     """(decoder input [B, L, D], TIME embedding of every position [B, L, D]).
 
     Text ids -> token embeddings; patches -> patch embedding + RMSNorm (then the mask token where
@@ -93,7 +98,11 @@ class Tuna2(nn.Module):
       pixels = normalize_pixels(batch["patches"])
     if t is None:
       t = jnp.ones(tokens.shape, jnp.float32)
-    patch_x = self.patch_embed(pixels)
+    if cfg.variant == "tuna_r":  # start: the chunk's row offset (extend), every image whole inside it
+      patch_x = self.vision(pixels, modality=modality, image_ids=batch["image_ids"],
+                            attn_end=batch["attn_end"], positions=batch["positions"], start=start)
+    else:
+      patch_x = self.patch_embed(pixels)
     if patch_mask is not None:
       patch_x = jnp.where(patch_mask[..., None], self.mask_token.astype(patch_x.dtype), patch_x)
     time_x = self.time_embed(t)
@@ -140,7 +149,7 @@ class Tuna2(nn.Module):
     full forward on the whole rows at those positions; the chunk's keys are written into the cache.
     """
     cfg = self.cfg
-    x, cond = self.embed_inputs(batch, pixels=pixels, t=t)
+    x, cond = self.embed_inputs(batch, pixels=pixels, t=t, start=start)
     cos, sin = decoder_positions(batch, cfg)
     k_segment = kv_cache.write(cache.segment_ids, batch["segment_ids"], start)
     # The same parameters as `self.decoder`, run by a cache-aware mirror of transformer.Decoder.

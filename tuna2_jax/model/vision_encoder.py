@@ -1,16 +1,16 @@
 """Tuna-R's representation encoder: a SigLIP-shaped ViT on the packed contract, and its connector.
 
 The ViT computes what HF `Siglip2VisionModel` / `SiglipVisionModel` compute up to `hidden_states[-2]` (the
-release keeps 26 of So400M's 27 layers and drops the post-LayerNorm and the pooling head):
-linear embedding of each flattened (row, col, channel) patch + a learned square position table resized to the
-image's patch grid, then pre-LN blocks (biased multi-head attention, GELU-tanh MLP).
+release keeps 26 of So400M's 27 layers and drops the post-LayerNorm and the pooling head): linear embedding of
+each flattened (row, col, channel) patch + a learned square position table resized to the image's patch grid,
+then pre-LN blocks (biased multi-head attention, GELU-tanh MLP).
 
-Packed rows: the patches of one image are the PATCH positions sharing an `image_ids` value; they attend to each
-other only, through the same `attend` backends as the decoder (segment_ids = image id at patches, 0 elsewhere;
-attn_end = the image's last patch, which the contract already stores there). The grid of an image is read at its
-last patch (raster order: row = H - 1, col = W - 1), so any-res images need no static shapes. The ViT runs over
-all L positions (text and TIME rows are fully masked and ignored); images dominate Tuna-R rows, so compacting
-patches first would save little and cost a static per-row patch budget.
+Packed rows: the patches of one image are the PATCH positions sharing an `image_ids` value; they attend to
+each other only, through the same `attend` backends as the decoder (segment_ids = image id at patches, 0
+elsewhere; attn_end = the image's last patch, which the contract already stores there). The grid of an image
+is read at its last patch (raster order: row = H - 1, col = W - 1), so any-res images need no static shapes.
+The ViT runs over all L positions (text and TIME rows are fully masked and ignored); images dominate Tuna-R
+rows, so compacting patches first would save little and cost a static per-row patch budget.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class VisionEncoder(nn.Module):
 
 
 class Connector(nn.Module):
-  """Vision features -> decoder width: RMSNorm -> Linear -> GELU (erf) -> Linear, as the release's siglip_proj."""
+  """ViT features -> decoder width: RMSNorm -> Linear -> GELU (erf) -> Linear (the release's siglip_proj)."""
   cfg: ModelConfig
 
   @nn.compact
