@@ -31,6 +31,33 @@ FLOW_HEAD_SIZES = {
     "7b": (16, 56, 14, 64, 18944),
 }
 
+# Tuna-R's vision encoder (SigLIP-shaped ViT; its patch size is the model's). layers = the checkpoint's; the
+# encoder keeps all but the last (feature layer -2). so400m is SigLIP2-So400M/16 with the release's 32 x 32
+# position table (512 px); the CPU sizes keep its ratios (head_dim 72 -> 16, MLP ~3.7x).
+VISION_SIZES = {
+    #          hidden layers heads mlp  pos_grid
+    "debug": (32, 3, 2, 96, 4),
+    "tiny": (64, 5, 4, 240, 16),
+    "so400m": (1152, 27, 16, 4304, 32),
+}
+
+
+def vision_config(size: str, **overrides) -> dict:
+  """The model fields that make a Tuna-R (variant "tuna_r") with a VISION_SIZES encoder."""
+  if size not in VISION_SIZES:
+    raise ValueError(f"vision size {size!r} not in {sorted(VISION_SIZES)}")
+  hidden, layers, heads, mlp, grid = VISION_SIZES[size]
+  fields = dict(
+      variant="tuna_r", vision_hidden_size=hidden, vision_num_layers=layers, vision_num_heads=heads,
+      vision_mlp_dim=mlp, vision_pos_grid=grid, vision_feature_layer=-2, vision_ln_eps=1e-6,
+      # "bicubic": SigLIP's interpolate_pos_encoding, what the release ran (and its weights expect);
+      # "bilinear": SigLIP2 NaFlex's antialiased resize, for encoders trained from scratch here.
+      vision_pos_resize="bicubic" if size == "so400m" else "bilinear",
+  )
+  fields.update(overrides)
+  return fields
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'size=tiny,steps=100,runlocal' -> ConfigDict over `defaults` (types follow the defaults)."""
   out = ml_collections.ConfigDict(defaults)
