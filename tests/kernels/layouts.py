@@ -14,7 +14,7 @@ def random_row(rng: np.random.Generator, length: int, *, max_docs: int = 4, imag
   n_cuts = int(rng.integers(0, max_docs))
   cuts = np.sort(rng.choice(np.arange(1, used), min(n_cuts, used - 1), replace=False)) if used > 1 else []
   bounds = [0, *[int(c) for c in cuts], used]
-  for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+  for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=False)):
     seg[s:e] = d + 1
     p = s
     while p < e:

@@ -8,7 +8,6 @@ import pytest
 from tests.kernels.layouts import dense_mask, random_layout
 from tuna2_jax.kernels import block_table as bt
 
-
 _kinds = jax.jit(lambda seg, end, bq, bk: bt.block_kinds(bt.token_stats(seg, end), bq, bk),
                  static_argnums=(2, 3))
 

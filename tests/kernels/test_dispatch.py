@@ -28,7 +28,8 @@ from tuna2_jax.model.transformer import Decoder
     ("chunked", "tpu", 4096, 128, jnp.bfloat16, "chunked", False),
 ])
 def test_select(impl, platform, length, head_dim, dtype, want, fallback):
-  choice, is_fallback = dispatch.select(impl, platform=platform, length=length, head_dim=head_dim, dtype=dtype)
+  choice, is_fallback = dispatch.select(impl, platform=platform, length=length, head_dim=head_dim,
+                                        dtype=dtype)
   assert (choice.impl, is_fallback) == (want, fallback), choice.reason
 
 
@@ -71,9 +72,11 @@ def test_pallas_matches_xla_in_scanned_decoder():
     cos, sin = rope_tables(pos, head_dim=cfg.head_dim, theta=cfg.rope_theta)
     model = Decoder(cfg)
     params = model.init(jax.random.key(1), x, cos=cos, sin=sin, segment_ids=seg, attn_end=end)
-    loss = lambda p, x: jnp.sum(model.apply(p, x, cos=cos, sin=sin, segment_ids=seg, attn_end=end) ** 2)
+    def loss(p, x, model=model, cos=cos, sin=sin):
+      return jnp.sum(model.apply(p, x, cos=cos, sin=sin, segment_ids=seg, attn_end=end) ** 2)
+
     results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   (lx, gx), (lp, gp) = results["xla"], results["pallas"]
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
-  for a, b_ in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
+  for a, b_ in zip(jax.tree.leaves(gp), jax.tree.leaves(gx), strict=False):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-4, rtol=1e-4)

@@ -35,7 +35,7 @@ def _check(fn, q, k, v, seg, end, do, tol):
   assert out.dtype == q.dtype and out.shape == q.shape
   got = (out, *vjp(do))
   want = (out_r, *vjp_r(do.astype(jnp.float32)))
-  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
     a = np.asarray(a.astype(jnp.float32))
     assert np.isfinite(a).all(), name
     np.testing.assert_allclose(a, np.asarray(b), atol=tol, rtol=tol, err_msg=name)
@@ -73,7 +73,7 @@ def test_jit_grad_composition(backend):
                          argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(functools.partial(loss, functools.partial(hybrid_attention, impl="reference")),
                   argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(got, want):
+  for a, b in zip(got, want, strict=False):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
 
 

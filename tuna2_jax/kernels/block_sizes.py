@@ -1,9 +1,10 @@
 """Default flash-attention block sizes per kernel backend and accelerator generation.
 
-Starting points from pallas.md §6.2 (none of them tuned on hardware by this project yet; `benchmarks/attention.py`
-is the tool to retune): TPU blocks of 512 (128 is far too small on v5e, jax#24633; levanter and splash default
-to 512), Pallas-Triton forward 128 x 64 and backward 64 x 64 (JAX's mha uses 128/128 forward and 32-wide
-backward blocks). `model.attention_block_q / attention_block_k` override the forward (and backward) sizes.
+Starting points from pallas.md §6.2 (none of them tuned on hardware by this project yet;
+`benchmarks/attention.py` is the tool to retune): TPU blocks of 512 (128 is far too small on v5e, jax#24633;
+levanter and splash default to 512), Pallas-Triton forward 128 x 64 and backward 64 x 64 (JAX's mha uses
+128/128 forward and 32-wide backward blocks). `model.attention_block_q / attention_block_k` override the
+forward (and backward) sizes.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@
   `jax.nn`, so this path passes the contract's mask as a dense boolean [B, 1, L, L] (L^2 bytes per row: 64 MiB
   at 8K). It is therefore limited to L <= CUDNN_MAX_LEN and bf16/fp16 inputs; it exists as a baseline.
 - "ring": context parallelism over the mesh's `sequence` axis (`ring.ring_attention`).
-- "auto": ring if the current mesh has sequence > 1 (the other backends stay exact under a sequence-sharded
-  mesh, XLA gathers the keys for them, but only ring keeps L sharded); else pallas on TPU and GPU; on CPU xla for rows up to
-  AUTO_DENSE_MAX_LEN tokens and chunked above.
+- "auto": ring if the current mesh has sequence > 1 (the other backends stay exact under a
+  sequence-sharded mesh, XLA gathers the keys for them, but only ring keeps L sharded); else pallas on TPU
+  and GPU; on CPU xla for rows up to AUTO_DENSE_MAX_LEN tokens and chunked above.
 
 Each decision is logged once per distinct (request, outcome) with absl logging; a fallback is a warning that
 names the reason.

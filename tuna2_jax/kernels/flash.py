@@ -3,10 +3,10 @@
   out = hybrid_attention(q, k, v, segment_ids, attn_end)      # q [B, L, Hq, D], k/v [B, L, Hkv, D]
 
 `impl="pallas"` runs the Pallas kernel of the current platform (TPU: Mosaic, `mosaic_tpu.py`; GPU:
-Pallas-Triton, `triton_gpu.py`; CPU: the TPU kernel in interpret mode); `impl="reference"` is the dense float32
-`xla_attention.dense_attention`. Any L works: rows are padded to the block multiple with segment 0 (the mask's
-padding segment, which attends nothing and is attended by nothing), never left ragged (jax#27224 is the silent
-wrong answer otherwise), and the padding is sliced off again.
+Pallas-Triton, `triton_gpu.py`; CPU: the TPU kernel in interpret mode); `impl="reference"` is the dense
+float32 `xla_attention.dense_attention`. Any L works: rows are padded to the block multiple with segment 0
+(the mask's padding segment, which attends nothing and is attended by nothing), never left ragged (jax#27224
+is the silent wrong answer otherwise), and the padding is sliced off again.
 
 The backward pass is a `jax.custom_vjp`: a dQ kernel over the forward table and a dK/dV kernel over the
 transposed table. Residuals are q, k, v (already live in the model), the output and the f32 log-sum-exp, the

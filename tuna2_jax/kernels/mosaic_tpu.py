@@ -3,16 +3,16 @@
 Layout inside this module: q [B, Hq, L, D], k/v [B, Hkv, L, D] (head-major, as splash; a [B, L, H, D] block
 with a squeezed H would break Mosaic's (8, 128) rule on the last two block dims), L a multiple of both blocks.
 
-Block skipping (pallas.md §6.2, TPU row): the compacted block table (`block_table.compact`) is scalar-prefetched
-into SMEM. The grid's inner dimension walks only the non-empty k blocks of each q block (`steps`, a traced grid
-bound: the "shrunk grid" for long packed rows), the K/V index maps read the compacted index, and padding steps
-repeat the previous index, so Mosaic's pipeline issues no DMA for them (splash's data_next trick) and
-`pl.when(kind != EMPTY)` skips their compute. FULL tiles skip the mask.
+Block skipping (pallas.md §6.2, TPU row): the compacted block table (`block_table.compact`) is
+scalar-prefetched into SMEM. The grid's inner dimension walks only the non-empty k blocks of each q block
+(`steps`, a traced grid bound: the "shrunk grid" for long packed rows), the K/V index maps read the compacted
+index, and padding steps repeat the previous index, so Mosaic's pipeline issues no DMA for them (splash's
+data_next trick) and `pl.when(kind != EMPTY)` skips their compute. FULL tiles skip the mask.
 
-Mask metadata follows splash's TPU-friendly layouts (pallas.md §2.1): per-query vectors broadcast over 128 lanes
-`(bq, 128)` when queries are rows, over 8 sublanes `(8, bq)` when queries are columns (the dK/dV kernel works on
-the transposed tile k @ q^T, as splash's dkv kernel does). Running max / sum scratch is `(bq, 128)` f32.
-Block sizes must be multiples of 128 (or the whole padded row).
+Mask metadata follows splash's TPU-friendly layouts (pallas.md §2.1): per-query vectors broadcast over 128
+lanes `(bq, 128)` when queries are rows, over 8 sublanes `(8, bq)` when queries are columns (the dK/dV kernel
+works on the transposed tile k @ q^T, as splash's dkv kernel does). Running max / sum scratch is `(bq, 128)`
+f32. Block sizes must be multiples of 128 (or the whole padded row).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tuna2_jax.kernels.block_table import EMPTY, FULL, PARTIAL, Compact
+from tuna2_jax.kernels.block_table import FULL, PARTIAL, Compact
 
 LANES, SUBLANES = 128, 8
 # Finite "minus infinity" (splash / JAX mha use the same): a fully masked tile never computes inf - inf.

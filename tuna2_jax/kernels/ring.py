@@ -3,11 +3,11 @@
 Each of the n devices on the axis holds L / n queries and the matching keys/values. For n steps every device
 attends its queries to the K/V chunk it currently holds (online softmax: running max, denominator and
 numerator in f32), then passes the chunk, with its segment ids and original token indices, to the next device
-with `ppermute`. The mask needs nothing else: `allowed(q, k) = seg[q] == seg[k] != 0 and idx[k] <= attn_end[q]`
-holds for any token order as long as each key carries its original index.
+with `ppermute`. The mask needs nothing else: `allowed(q, k) = seg[q] == seg[k] != 0 and idx[k] <=
+attn_end[q]` holds for any token order as long as each key carries its original index.
 
-Load balancing (causal rows): with contiguous chunks device 0 would see one chunk of work and device n-1 all n.
-The row is cut into 2n chunks and device r holds chunks r and 2n-1-r (the "zigzag" layout), so every device
+Load balancing (causal rows): with contiguous chunks device 0 would see one chunk of work and device n-1 all
+n. The row is cut into 2n chunks and device r holds chunks r and 2n-1-r (the "zigzag" layout), so every device
 gets the same amount of causal work. The permutation is applied to the global arrays inside `ring_attention`
 (XLA turns it into collectives); a data pipeline that already emits zigzag-ordered rows could skip it.
 
