@@ -148,7 +148,8 @@ def time_impl(impl: str, q, k, v, seg, end, *, mode: str, iters: int, causal_bas
     fn, args = jax.jit(attn), (q, k, v, seg, end)
   elif mode == "bwd":
     out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg, end), q, k, v)
-    fn, args = jax.jit(vjp), (jnp.ones_like(out),)
+    # The VJP closure is a pytree: pass it as an argument so its residuals are inputs, not constants.
+    fn, args = jax.jit(lambda f, do: f(do)), (vjp, jnp.ones_like(out))
   else:
     loss = lambda q, k, v, seg, end: jnp.sum(attn(q, k, v, seg, end).astype(jnp.float32))
     fn, args = jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v, seg, end)
@@ -232,7 +233,7 @@ def main() -> None:
                                         hidden=128, iters=1, dtype=jnp.float32))
   else:
     result = dict(meta=meta, sparsity=sparsity([2048, 4096, 8192, 16384]),
-                  xla_vs_chunked=xla_vs_chunked([512, 1024, 2048, 4096]))
+                  xla_vs_chunked=xla_vs_chunked([512, 1024, 2048, 4096], iters=2))
     if jax.default_backend() == "gpu":
       result["gpu_matrix"] = gpu_matrix([2048, 4096, 8192, 16384], [64, 128],
                                         ["pallas", "cudnn", "xla", "chunked"])
