@@ -74,12 +74,13 @@ def prepare_flow_inputs(rng: jax.Array, batch: Mapping[str, jax.Array], *, p_mea
                         und_noise_max: float = 0.1) -> FlowInputs:
   """Per generation image t ~ logit-N, noised patches; understanding images t = 1, except with probability
   `und_noise_prob` t = 1 - U(0, und_noise_max) (the release's small-noise augmentation, input only)."""
-  b, l = batch["tokens"].shape
+  b, length = batch["tokens"].shape
   k_t, k_aug, k_amt, k_eps = jax.random.split(rng, 4)
   ids, role, modality = batch["image_ids"], batch["image_role"], batch["modality"]
-  t_gen = per_image(sample_t(k_t, (b, l + 1), p_mean, p_std), ids)
-  aug = per_image(jax.random.bernoulli(k_aug, und_noise_prob, (b, l + 1)), ids)
-  t_und = jnp.where(aug, 1.0 - und_noise_max * per_image(jax.random.uniform(k_amt, (b, l + 1)), ids), 1.0)
+  t_gen = per_image(sample_t(k_t, (b, length + 1), p_mean, p_std), ids)
+  aug = per_image(jax.random.bernoulli(k_aug, und_noise_prob, (b, length + 1)), ids)
+  amount = und_noise_max * per_image(jax.random.uniform(k_amt, (b, length + 1)), ids)
+  t_und = jnp.where(aug, 1.0 - amount, 1.0)
   t = jnp.where(role == sequence.GENERATE, t_gen, jnp.where(role == sequence.UNDERSTAND, t_und, 1.0))
   x = normalize_pixels(batch["patches"])
   eps = noise_scale * jax.random.normal(k_eps, x.shape, jnp.float32)
@@ -103,9 +104,9 @@ def sample_patch_mask(rng: jax.Array, batch: Mapping[str, jax.Array], *, prob: f
 
   Each document (segment) is masked with probability `prob` at a ratio r ~ U(ratio_min, ratio_max); every
   image of a masked document (any role) then loses floor(N r) of its N patches, chosen uniformly without
-  replacement (none when r <= 0, which makes the release's U(-0.7, 0.3) form mask 70% of documents not at all).
+  replacement (none when r <= 0: the release's U(-0.7, 0.3) form leaves 70% of documents unmasked).
   """
-  b, l = batch["tokens"].shape
+  b, l = batch["tokens"].shape  # noqa: E741
   k_doc, k_ratio, k_rank = jax.random.split(rng, 3)
   seg, modality, attn_end, positions = (batch["segment_ids"], batch["modality"], batch["attn_end"],
                                         batch["positions"])
@@ -114,7 +115,8 @@ def sample_patch_mask(rng: jax.Array, batch: Mapping[str, jax.Array], *, prob: f
   is_patch = modality == sequence.PATCH
   # Patches of an image are contiguous and end at attn_end, whose (row, col) give the grid size N.
   last = jnp.clip(attn_end, 0, l - 1)
-  n = ((jnp.take_along_axis(positions[:, 1], last, 1) + 1) * (jnp.take_along_axis(positions[:, 2], last, 1) + 1))
+  n = ((jnp.take_along_axis(positions[:, 1], last, 1) + 1)
+       * (jnp.take_along_axis(positions[:, 2], last, 1) + 1))
   n_mask = jnp.floor(n * jnp.maximum(ratio, 0.0)).astype(jnp.int32)
   # Rank of each patch inside its image under random scores: sort by (image order, score).
   image_key = jnp.where(is_patch, last, l).astype(jnp.float32)

@@ -18,7 +18,8 @@ import optax
 from tuna2_jax import flow, sequence
 
 
-def text_cross_entropy(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def text_cross_entropy(logits: jax.Array, tokens: jax.Array,
+                       weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted next-token CE, sum of weights). logits [B, L, V] predict tokens shifted by one."""
   targets = jnp.roll(tokens, -1, axis=-1)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -39,7 +40,16 @@ def term_counts(batch: Mapping[str, jax.Array], config) -> dict[str, jax.Array]:
 
 def model_inputs(batch: Mapping[str, jax.Array], rng: jax.Array, *, config,
                  step: jax.Array) -> tuple[flow.FlowInputs, jax.Array]:
-  """(noised pixels, per-span t, clean targets; patch mask) for one training (micro-)batch."""
+  """(noised pixels, per-span t, clean targets; patch mask) for one training (micro-)batch.
+
+  `rng` is one key, or one key per row [B]: the trainer passes per-row keys so that the noise a row gets
+  depends on (step, row) only, not on the mesh or on how rows are split into micro-batches.
+  """
+  if rng.ndim == 1:
+    def one_row(key, row):
+      out = model_inputs(jax.tree.map(lambda x: x[None], row), key, config=config, step=step)
+      return jax.tree.map(lambda x: x[0], out)
+    return jax.vmap(one_row)(rng, dict(batch))
   tc = config.train
   k_flow, k_mask = jax.random.split(rng)
   inputs = flow.prepare_flow_inputs(k_flow, batch, p_mean=tc.flow_p_mean, p_std=tc.flow_p_std,

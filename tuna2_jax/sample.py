@@ -9,7 +9,7 @@ Image generation never lets the text prefix see the image (the mask is causal to
 encoded once into a KV cache of the decoder and of the flow head, and each ODE step recomputes only the
 image span (TIME + patches). Exact: the same numbers as recomputing the whole row.
 
-  python -m tuna2_jax.sample image --ckpt runs/x/export --prompt "a red circle" --height 64 --width 64 --out a.png
+  python -m tuna2_jax.sample image --ckpt DIR --prompt "a red circle" --height 64 --width 64 --out a.png
   python -m tuna2_jax.sample edit --ckpt DIR --image in.png --prompt "make it blue" --out b.png
   python -m tuna2_jax.sample text --ckpt DIR --image in.png --prompt "What is this?"
 """
@@ -32,6 +32,7 @@ from tuna2_jax.model.tuna2 import Tuna2, init_cache
 from tuna2_jax.sequence import Image, SpecialTokens, Text
 
 Prompts = Sequence[int] | Sequence[Sequence[int]]
+SPECIAL = SpecialTokens()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ def pack_left(docs: Sequence[sequence.Document], *, patch_size: int, special: Sp
   for doc in docs:
     n = sequence.document_length(doc, patch_size)
     row = sequence.pack_documents([doc], seq_len=n, patch_size=patch_size, special=special)
-    rows.append({k: (v[:n - drop_last] if k == "patches" else v[..., :n - drop_last]) for k, v in row.items()})
+    keep = n - drop_last
+    rows.append({k: (v[:keep] if k == "patches" else v[..., :keep]) for k, v in row.items()})
   length = max(r["tokens"].shape[-1] for r in rows)
   return sequence.stack_rows([_left_pad(r, length, special) for r in rows])
 
@@ -187,7 +189,7 @@ def _decode(params, rows, rng, *, cfg: ModelConfig, max_new_tokens: int, tempera
 def generate_text(params, cfg: ModelConfig, prompt_tokens: Prompts, *,
                   images: Sequence[Sequence[np.ndarray]] | None = None, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                  special: SpecialTokens = SpecialTokens(), use_cache: bool = True) -> list[list[int]]:
+                  special: SpecialTokens = SPECIAL, use_cache: bool = True) -> list[list[int]]:
   """Continues each prompt (batched); returns the new ids of each row, up to and without EOS.
 
   images[i]: the understanding images of prompt i, placed at its `special.image` placeholders (or first).
@@ -251,7 +253,7 @@ def generate_image(params, cfg: ModelConfig, prompt_tokens: Prompts, *, height: 
                    steps: int = 50, cfg_scale: float = 3.0, sampler: str = "euler", seed: int = 0,
                    source_image: np.ndarray | None = None, cfg_interval: tuple[float, float] = (0.0, 1.0),
                    time_shift: float = 1.0, noise_scale: float = 2.0, t_eps: float = 0.05,
-                   special: SpecialTokens = SpecialTokens(), use_cache: bool = True) -> np.ndarray:
+                   special: SpecialTokens = SPECIAL, use_cache: bool = True) -> np.ndarray:
   """Images uint8 [B, height, width, 3] for a batch of prompts (editing when `source_image` is given).
 
   Defaults follow the release: Euler, 50 uniform steps from t = 0, z0 = 2 N(0, I), CFG 3 on x̂ (it uses 2
@@ -277,7 +279,8 @@ def generate_image(params, cfg: ModelConfig, prompt_tokens: Prompts, *, height: 
 
 
 def reconstruct(params, cfg: ModelConfig, image: np.ndarray, *, steps: int = 50, sampler: str = "euler",
-                seed: int = 0, noise_scale: float = 2.0, special: SpecialTokens = SpecialTokens()) -> np.ndarray:
+                seed: int = 0, noise_scale: float = 2.0,
+                special: SpecialTokens = SPECIAL) -> np.ndarray:
   """The image regenerated from itself: `[BOS] [image] [target]` with no instruction, no guidance.
 
   An editing document with an empty instruction; compare with `psnr`.
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tokenizer", default="byte", help="byte | hf:<path to tokenizer.json>")
   parser.add_argument("--prompt", default="")
   parser.add_argument("--image", action="append", default=[], help="input PNG (text: any number; edit: one)")
-  parser.add_argument("--out", default="", help="output PNG (image, edit) or text file (text; default stdout)")
+  parser.add_argument("--out", default="", help="output PNG (image, edit) or text file (text)")
   parser.add_argument("--height", type=int, default=0, help="default: the source image's, else 16 patches")
   parser.add_argument("--width", type=int, default=0)
   parser.add_argument("--steps", type=int, default=50)

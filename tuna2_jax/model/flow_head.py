@@ -59,7 +59,7 @@ def head_rope_tables(positions: jax.Array, modality: jax.Array, cfg: ModelConfig
   tables = dict(text_cos=jnp.cos(ang), text_sin=jnp.sin(ang))
   axis_angles = []
   # Frame 0 for every image (no video); rows and columns from the contract's positions[1:].
-  for axis, pairs in zip((None, 1, 2), cfg.flow_rope_sections):
+  for axis, pairs in zip((None, 1, 2), cfg.flow_rope_sections, strict=False):
     freqs = 1.0 / (cfg.flow_rope_theta ** (jnp.arange(0, 2 * pairs, 2, dtype=jnp.float32) / (2 * pairs)))
     pos = (jnp.zeros_like(positions[:, 0]) if axis is None else positions[:, axis]).astype(jnp.float32)
     axis_angles.append(pos[..., None] * freqs)
@@ -168,7 +168,8 @@ class FlowHead(nn.Module):
                k_segment: jax.Array | None = None,
                start: jax.Array | int = 0) -> tuple[jax.Array, kv_cache.KVCache | None]:
     """cond [B, L, D]: the TIME embedding of each position's image (t must be constant over a span).
-    With `cache` the rows are the chunk [start, start + L) of longer rows whose key segments are `k_segment`."""
+    With `cache` the rows are the chunk [start, start + L) of longer rows whose key segments are
+    `k_segment`."""
     cfg = self.cfg
     span = (modality == sequence.TIME) | (modality == sequence.PATCH)
     ctx = dict(cond=cond, span=span, rope=head_rope_tables(positions, modality, cfg),

@@ -29,7 +29,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
-            dtype=jnp.float32) -> "KVCache":
+            dtype=jnp.float32) -> KVCache:
     shape = (layers, batch, length, kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 

@@ -133,7 +133,8 @@ class Tuna2(nn.Module):
                flow: bool = True) -> Tuna2Output:
     """batch: the contract's fields [B, L]. pixels: float [B, L, p*p*3] in pixel space ([-1, 1] for clean
     images; noised targets may leave it), default = normalised `batch["patches"]`. t: [B, L] timestep, one
-    value per image span (1 = clean), default 1. patch_mask: bool [B, L], patches replaced by the mask token."""
+    value per image span (1 = clean), default 1. patch_mask: bool [B, L], patches replaced by the mask
+    token."""
     x, cond = self.embed_inputs(batch, pixels=pixels, t=t, patch_mask=patch_mask)
     cos, sin = decoder_positions(batch, self.cfg)
     hidden = self.decoder(x, cos=cos, sin=sin, segment_ids=batch["segment_ids"], attn_end=batch["attn_end"])
