@@ -176,7 +176,8 @@ class ModelConfig:
                         f"model.vision_num_heads ({self.vision_num_heads})")
     if not 1 <= self.vision_kept_layers <= self.vision_num_layers:
       raise ConfigError(f"model.vision_feature_layer={self.vision_feature_layer} keeps "
-                        f"{self.vision_kept_layers} of model.vision_num_layers={self.vision_num_layers} layers")
+                        f"{self.vision_kept_layers} of the model.vision_num_layers="
+                        f"{self.vision_num_layers} layers")
     if self.vision_pos_resize not in VISION_POS_RESIZE:
       raise ConfigError(f"model.vision_pos_resize={self.vision_pos_resize!r} not in {VISION_POS_RESIZE}")
 
