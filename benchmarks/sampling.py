@@ -81,14 +81,16 @@ def main() -> None:
                    tokens_per_s_cached=res[True], tokens_per_s_recompute=res[False],
                    speedup=res[True] / res[False]))
   print(f"text  batch 2, prompt {args.prompt_len}, {args.new_tokens} new tokens  "
-        f"cached {res[True]:8.1f} tok/s  recompute {res[False]:8.1f} tok/s  speedup {rows[-1]['speedup']:.2f}x")
+        f"cached {res[True]:8.1f} tok/s  recompute {res[False]:8.1f} tok/s  "
+        f"speedup {rows[-1]['speedup']:.2f}x")
   platform = jax.devices()[0].platform
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"sampling_{platform}.json")
   meta = dict(platform=platform, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
               cpu_count=os.cpu_count(), model=dict(hidden=args.hidden, layers=args.layers,
                                                    flow_layers=args.flow_layers, patch=args.patch),
               prompt_len=args.prompt_len, sampler="euler", cfg_scale=3.0,
-              note="best of repeats after a compile run; CFG branches batched; random weights; 2 shared CPU cores under load from other jobs: ratios matter, absolute times are noisy")
+              note="best of repeats after a compile run; CFG branches batched; random weights; "
+                   "2 shared CPU cores under load from other jobs: ratios matter, absolute times are noisy")
   with open(out, "w") as f:
     json.dump(dict(meta=meta, results=rows), f, indent=1)
   print(f"wrote {out}")
