@@ -9,6 +9,7 @@ Sections: config checks -> mesh -> data -> model and optimizer shapes -> shardin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -55,7 +56,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
   dims = sharding.resolve_mesh_shape(config.mesh.shape.to_dict(), num_devices)
   sharding.rules_from_config(config.mesh.rules)
   tensor = dims["tensor"]
-  for field in ("num_heads", "num_kv_heads", "mlp_dim"):
+  # Every head count and MLP width (decoder, flow head, vision encoder) is split over the tensor axis.
+  sharded = [f.name for f in dataclasses.fields(model_cfg) if f.name.endswith(("heads", "mlp_dim"))
+             and (model_cfg.variant == "tuna_r" or not f.name.startswith("vision_"))]
+  for field in sharded:
     if getattr(model_cfg, field) % tensor:
       raise ConfigError(f"model.{field} ({getattr(model_cfg, field)}) must be divisible by the tensor "
                         f"axis (mesh.shape.tensor={tensor})")
@@ -133,21 +137,26 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   counts = losses.term_counts(batch, config)  # global normalisers: accumulation is exact
   grad_fn = jax.value_and_grad(
       functools.partial(loss_fn, model=model, config=config), has_aux=True)
+  # One key per row: a row's noise and masks depend on (step, row) only, so every mesh and every
+  # accumulation split sees the same randomness.
+  row_keys = jax.random.split(step_rng, batch["tokens"].shape[0])
   k = config.optim.grad_accum
   if k == 1:
-    (_, metrics), grads = grad_fn(state.params, batch, step_rng, state.step, counts)
+    (_, metrics), grads = grad_fn(state.params, batch, row_keys, state.step, counts)
   else:
     def accumulate(carry, xs):
       grads_acc, metrics_acc = carry
-      micro, i = xs
-      (_, m), g = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), state.step, counts)
+      micro, keys = xs
+      (_, m), g = grad_fn(state.params, micro, keys, state.step, counts)
       return (jax.tree.map(jnp.add, grads_acc, g), jax.tree.map(jnp.add, metrics_acc, m)), None
 
+    micro = _micro_batches(dict(batch, _keys=row_keys), k)
+    micro_keys = micro.pop("_keys")
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], _micro_batches(
-        batch, k)), step_rng, state.step, counts)[0][1])
+    m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+                                             micro_keys[0], state.step, counts)[0][1])
     m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, m_zeros), (_micro_batches(batch, k), jnp.arange(k)))
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, m_zeros), (micro, micro_keys))
     # Per-micro-batch terms are partial sums over global counts, so their sum is exact; counts are global.
     metrics = {n: (counts[n[:-len("_count")]] if n.endswith("_count") else v) for n, v in metrics.items()}
 
