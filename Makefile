@@ -10,12 +10,12 @@ PY_CANDIDATES := python3.13 python3.12 $(wildcard $(HOME)/.pyenv/versions/3.1[2-
 
 .PHONY: demo test bench lint golden parity clean-venv
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-tpu.txt pyproject.toml
 	@py=""; for c in $(PY_CANDIDATES); do \
 	  if $$c -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then py=$$c; break; fi; done; \
 	if [ -z "$$py" ]; then echo "error: tuna2_jax needs Python >= 3.12 (JAX 0.11). Install it (e.g. 'apt install python3.12-venv' or 'pyenv install 3.12') and rerun." >&2; exit 1; fi; \
 	[ -x $(PY) ] || { echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); }
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-tpu.txt 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import tuna2_jax, jax, flax, grain, orbax.checkpoint" 
 	touch $@
@@ -42,12 +42,14 @@ $(PARITY_VENV)/.installed: requirements-parity.txt
 
 golden: $(PARITY_VENV)/.installed
 	$(PARITY_VENV)/bin/python tests/golden/make_golden.py --out=tests/golden
+	$(PARITY_VENV)/bin/python tests/golden/make_golden_siglip2.py --out=tests/golden
 
 # Live parity: regenerate the fixtures into a scratch dir with transformers, compare our import against
 # them, export ours back and have transformers load the export.
 parity: $(PARITY_VENV)/.installed $(VENV)/.installed
 	rm -rf /tmp/tuna2_parity && mkdir -p /tmp/tuna2_parity
 	$(PARITY_VENV)/bin/python tests/golden/make_golden.py --out=/tmp/tuna2_parity/golden
+	$(PARITY_VENV)/bin/python tests/golden/make_golden_siglip2.py --out=/tmp/tuna2_parity/golden
 	TUNA2_GOLDEN_DIR=/tmp/tuna2_parity/golden TUNA2_EXPORT_DIR=/tmp/tuna2_parity/export $(PY) -m pytest -q tests/convert
 	$(PARITY_VENV)/bin/python tests/golden/check_export.py --golden=/tmp/tuna2_parity/golden --export=/tmp/tuna2_parity/export
 
