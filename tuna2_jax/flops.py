@@ -47,6 +47,16 @@ def _block_flops_per_token(d: int, heads: int, kv_heads: int, head_dim: int, mlp
   return 2 * (proj + 3 * d * mlp)
 
 
+def image_pairs(image_ids: np.ndarray, modality: np.ndarray) -> int:
+  """Sum over images of N_patches^2: the pairs the vision encoder's per-image attention computes."""
+  ids = np.where(modality == sequence.PATCH, image_ids, 0)
+  total = 0
+  for row in ids.reshape(-1, ids.shape[-1]):
+    counts = np.bincount(row[row > 0])
+    total += int(np.sum(counts.astype(np.int64) ** 2))
+  return total
+
+
 def forward_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray]) -> float:
   """Forward FLOPs of one batch of the contract."""
   seg, modality = np.asarray(batch["segment_ids"]), np.asarray(batch["modality"])
@@ -59,8 +69,21 @@ def forward_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray]) -> float:
       d, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim)
   flops += cfg.num_layers * 4 * pairs * cfg.num_heads * cfg.head_dim   # QK^T and PV
   flops += 2 * tokens * d * cfg.vocab_size                               # LM head
-  flops += 2 * n_patch * cfg.patch_dim * d                               # pixel embedding
   flops += 2 * n_time * (cfg.time_embed_dim * d + d * d)                 # TIME-slot MLP
+  # The flow head runs over every token with the same mask (as the release), plus adaLN (6 D per block,
+  # 2 D final) and the pixel projection.
+  flow_block = _block_flops_per_token(d, cfg.flow_heads, cfg.flow_kv_heads, cfg.flow_head_dim,
+                                      cfg.flow_mlp_dim) + 2 * d * 6 * d
+  flops += cfg.flow_layers * (tokens * flow_block + 4 * pairs * cfg.flow_heads * cfg.flow_head_dim)
+  flops += tokens * (2 * d * 2 * d + 2 * d * cfg.patch_dim)
+  if cfg.variant == "tuna_r":
+    # ViT over each image's patches (attention inside the image) and the connector.
+    dv = cfg.vision_hidden_size
+    vit_block = 2 * (4 * dv * dv + 2 * dv * cfg.vision_mlp_dim)
+    flops += n_patch * (2 * cfg.patch_dim * dv + cfg.vision_kept_layers * vit_block + 2 * (dv * d + d * d))
+    flops += cfg.vision_kept_layers * 4 * image_pairs(np.asarray(batch["image_ids"]), modality) * dv
+  else:
+    flops += 2 * n_patch * cfg.patch_dim * d                             # pixel embedding
   return float(flops)
 
 
