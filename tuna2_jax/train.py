@@ -92,9 +92,9 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
   return sequence.stack_rows([row] * batch_size)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
-  """(state, state_shardings): every leaf built under jit with its target sharding (global arrays)."""
+def train_state_shapes(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh) -> tuple[Callable, TrainState, TrainState]:
+  """(init(rng) -> unboxed state, abstract state, state shardings); nothing is materialised."""
   rules = sharding.rules_from_config(config.mesh.rules)
   example = jax.tree.map(jnp.asarray, dummy_batch(config))
 
@@ -106,12 +106,35 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, tx: 
         ema_params=params if config.optim.ema_decay > 0 else (), rng=state_rng,
         bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
-  rng = jax.random.key(config.train.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, rng)
-    shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+    boxed = jax.eval_shape(lambda: init(jax.random.key(0)))
+    shardings = sharding.logical_to_sharding(boxed, mesh, rules)
+  abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  return (lambda rng: nn.meta.unbox(init(rng))), abstract, shardings
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+  """(state, state_shardings): every leaf built under jit with its target sharding (global arrays)."""
+  init, _, shardings = train_state_shapes(config, model, tx, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config.mesh.rules)):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
   return state, shardings
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Ahead-of-time compile of the train step for `mesh` (which may hold abstract devices, e.g. a TPU pod
+  topology on a CPU host); returns the jax `Compiled` (memory_analysis(), cost_analysis())."""
+  model_cfg = validate_config(config, mesh.size)
+  model = Tuna2(model_cfg)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  _, abstract, state_sh = train_state_shapes(config, model, tx, mesh)
+  batch = dummy_batch(config, config.data.global_batch_size)
+  batch_sh = sharding.batch_shardings(batch, mesh)
+  batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+  step = jit_train_step(config, model, tx, schedule, mesh, state_sh, batch_sh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config.mesh.rules)):
+    return step.trace(abstract, batch_abstract).lower().compile()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -123,10 +123,15 @@ def _batch_head_specs(mesh, b: int, hq: int, hkv: int) -> tuple[P, P, P]:
   return P(bspec, None, heads, None), P(bspec, None, heads, None), P(bspec, None)
 
 
-def pallas_attention(q, k, v, segment_ids, attn_end, *, block_q=None, block_k=None, mesh=None) -> jax.Array:
-  """The flash kernel, wrapped in a shard_map over batch/head axes when a multi-device mesh is active."""
-  call = lambda q_, k_, v_, s_, e_: flash.hybrid_attention(q_, k_, v_, s_, e_, block_q=block_q,
-                                                           block_k=block_k)
+def pallas_attention(q, k, v, segment_ids, attn_end, *, block_q=None, block_k=None, mesh=None,
+                     platform: str | None = None) -> jax.Array:
+  """The flash kernel, wrapped in a shard_map over batch/head axes when a multi-device mesh is active.
+
+  `platform` (default: JAX's backend) picks the kernel family and interpret mode (CPU only)."""
+  platform = platform or jax.default_backend()
+  call = lambda q_, k_, v_, s_, e_: flash.hybrid_attention(
+      q_, k_, v_, s_, e_, block_q=block_q, block_k=block_k, interpret=platform == "cpu",
+      backend=flash.default_kernel_backend(platform))
   if mesh is None or mesh.empty or mesh.size == 1:
     return call(q, k, v, segment_ids, attn_end)
   qs, kvs, vec = _batch_head_specs(mesh, q.shape[0], q.shape[2], k.shape[2])
@@ -139,7 +144,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
               block_k: int | None = None, platform: str | None = None) -> jax.Array:
   """Hybrid-mask attention through the selected backend; q [B, L, Hq, D], k/v [B, L, Hkv, D]."""
   mesh = jax.sharding.get_abstract_mesh()
-  platform = platform or jax.default_backend()
+  # The mesh's devices decide (an abstract TPU topology on a CPU host compiles for TPU), else the backend.
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = platform or (device.platform if device is not None else jax.default_backend())
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   choice, fallback = select(impl, platform=platform, length=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
                             mesh=mesh)
@@ -152,4 +159,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
     return cudnn_attention(q, k, v, segment_ids, attn_end)
   if choice.impl == "ring":
     return ring.ring_attention(q, k, v, segment_ids, attn_end, mesh=mesh, axis=SEQUENCE_AXIS)
-  return pallas_attention(q, k, v, segment_ids, attn_end, block_q=block_q, block_k=block_k, mesh=mesh)
+  return pallas_attention(q, k, v, segment_ids, attn_end, block_q=block_q, block_k=block_k, mesh=mesh,
+                          platform=platform)
