@@ -4,7 +4,8 @@ Runs in the parity venv (torch + transformers); forward.py starts it as a subpro
 
   .venv-parity/bin/python benchmarks/forward_torch.py --cases='[{"name": "debug", "batch": 4, ...}]'
 
-Prints one JSON line: versions and, per case, the median forward and forward+backward times in ms.
+Prints one JSON line: versions and, per case, the forward and forward+backward times in ms (each run and
+their median).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
-def median_ms(fn, *, warmup: int, repeats: int) -> float:
+def times_ms(fn, *, warmup: int, repeats: int) -> list[float]:
   for _ in range(warmup):
     fn()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+    times.append(1e3 * (time.perf_counter() - t0))
+  return times
 
 
 def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
@@ -53,9 +54,11 @@ def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
     loss.backward()
 
   model.eval()  # no dropout; autograd still on for forward_backward
-  return dict(name=case["name"], forward_ms=median_ms(forward, warmup=warmup, repeats=repeats),
-              forward_backward_ms=median_ms(forward_backward, warmup=warmup, repeats=repeats),
-              attn_implementation=cfg._attn_implementation)
+  out = dict(name=case["name"], attn_implementation=cfg._attn_implementation)
+  for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
+    out[f"{key}_times_ms"] = times_ms(fn, warmup=warmup, repeats=repeats)
+    out[f"{key}_ms"] = statistics.median(out[f"{key}_times_ms"])
+  return out
 
 
 def main() -> None:
@@ -63,7 +66,10 @@ def main() -> None:
   parser.add_argument("--cases", required=True, help="JSON list of shape dicts (see forward.py)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: torch's default")
   args = parser.parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
   results = [run_case(c, warmup=args.warmup, repeats=args.repeats) for c in json.loads(args.cases)]
   print(json.dumps(dict(torch=torch.__version__, transformers=transformers.__version__,
                         threads=torch.get_num_threads(), results=results)))
