@@ -14,15 +14,16 @@ from tuna2_jax.model.layers import apply_rope, constrain, dense
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array, attn_end: jax.Array,
-           impl: str, chunk: int = 512, block_q: int | None = None,
-           block_k: int | None = None) -> jax.Array:
+           cfg: ModelConfig) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v under the hybrid mask; q [B, L, Hq, D], k/v [B, L, Hkv, D].
 
-  `impl` is `model.attention` ("auto" | "xla" | "chunked" | "pallas" | "cudnn" | "ring"); the choice per
-  platform and mesh, and any fallback with its reason, is made and logged by `kernels.dispatch`.
+  The backend is `model.attention` ("auto" | "xla" | "chunked" | "pallas" | "cudnn" | "ring", with its chunk
+  and block sizes); the choice per platform and mesh, and any fallback with its reason, is made and logged
+  by `kernels.dispatch`.
   """
-  return dispatch.attention(q, k, v, segment_ids=segment_ids, attn_end=attn_end, impl=impl, chunk=chunk,
-                            block_q=block_q, block_k=block_k)
+  return dispatch.attention(q, k, v, segment_ids=segment_ids, attn_end=attn_end, impl=cfg.attention,
+                            chunk=cfg.attention_chunk, block_q=cfg.attention_block_q or None,
+                            block_k=cfg.attention_block_k or None)
 
 
 class Attention(nn.Module):
@@ -42,7 +43,6 @@ class Attention(nn.Module):
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-    out = attend(q, k, v, segment_ids=segment_ids, attn_end=attn_end, impl=cfg.attention,
-                 chunk=cfg.attention_chunk)
+    out = attend(q, k, v, segment_ids=segment_ids, attn_end=attn_end, cfg=cfg)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return dense(x.shape[-1], ("heads", "head_dim", "embed"), cfg=cfg, axis=(-2, -1), name="o")(out)

@@ -129,8 +129,7 @@ class FlowAttention(nn.Module):
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     if kv is None:
-      out = attend(q, k, v, segment_ids=ctx["segment_ids"], attn_end=ctx["attn_end"], impl=cfg.attention,
-                   chunk=cfg.attention_chunk)
+      out = attend(q, k, v, segment_ids=ctx["segment_ids"], attn_end=ctx["attn_end"], cfg=cfg)
     else:
       kv = (kv_cache.write(kv[0], k, ctx["start"]), kv_cache.write(kv[1], v, ctx["start"]))
       out = kv_cache.masked_attention(q, kv[0], kv[1], q_attn_end=ctx["attn_end"],

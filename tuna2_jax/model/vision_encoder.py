@@ -123,8 +123,7 @@ class VisionBlock(nn.Module):
     h = _layer_norm(cfg, "ln1")(x).astype(dt)
     q, k, v = (_dense((heads, head_dim), ("embed", "heads", "head_dim"), cfg, n)(h) for n in ("q", "k", "v"))
     q, k, v = (constrain(a, ("batch", "length", "heads", "head_dim")) for a in (q, k, v))
-    a = attend(q, k, v, segment_ids=segment_ids, attn_end=attn_end, impl=cfg.attention,
-               chunk=cfg.attention_chunk)
+    a = attend(q, k, v, segment_ids=segment_ids, attn_end=attn_end, cfg=cfg)
     a = _dense(cfg.vision_hidden_size, ("heads", "head_dim", "embed"), cfg, "o", axis=(-2, -1))(a)
     x = constrain(x + a, ("batch", "length", "embed"))
     h = _layer_norm(cfg, "ln2")(x).astype(dt)
