@@ -188,6 +188,17 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.checkpoint.init_from = ""       # another run's checkpoint or an HF Qwen2 directory
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 0                  # 0: only at the end
-  c.eval.num_examples = 64
+  c.eval.every = 0                  # steps between evaluations in training (0: none)
+  c.eval.num_examples = 64          # held-out examples for understanding and caption perplexity
+  c.eval.periodic_examples = 16     # the subset evaluated every eval.every steps
+  c.eval.gen_num = 32               # held-out prompts to generate and score
+  c.eval.gen_size = 0               # side of the generated squares; 0 = the largest under max_image_patches
+  c.eval.gen_steps = 25             # ODE steps (the release: 50)
+  c.eval.cfg_scale = 3.0            # guidance on x-hat (the release's T2I scale)
+  c.eval.sampler = "euler"          # euler | heun
+  c.eval.time_shift = 1.0
+  c.eval.recon_num = 8              # held-out images for reconstruction PSNR
+  c.eval.max_new_tokens = 16        # answer length cap (greedy decoding)
+  c.eval.batch_size = 64            # questions decoded at once
+  c.eval.seed = 0
   return c

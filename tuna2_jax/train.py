@@ -345,6 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if preempt.requested:
         logging.warning("preempted: saved step %d", done)
         break
+      if config.eval.get("every", 0) and done % config.eval.every == 0:  # periodic eval on a subset
+        from tuna2_jax import evaluate  # noqa: PLC0415  (Grain / TFDS only when evaluating)
+        evaluate.periodic_eval(config, state.ema_params if config.optim.ema_decay > 0 else state.params,
+                               model_cfg, workdir, done, writer)
     if pending is not None:
       last = _finish_log(pending, writer, model_cfg, device_kind, n_dev)
   preempt.restore()
