@@ -16,11 +16,19 @@ tuna2_python() {
   fi
 }
 
-# One shell-quoted line for a command: what dry runs print and what the workdir records.
+# One shell-quoted line for a command (single quotes where needed, like Python's shlex.join): what dry runs
+# print and what the workdir records; pasting it into a shell runs the same argv.
 quote_cmd() {
-  local out
-  printf -v out '%q ' "$@"
-  printf '%s\n' "${out% }"
+  local arg q="'"
+  local out=()
+  for arg in "$@"; do
+    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+=("${arg}")
+    else
+      out+=("${q}${arg//${q}/${q}\\${q}${q}}${q}")
+    fi
+  done
+  printf '%s\n' "${out[*]}"
 }
 
 # True for object-store paths (gs://...), which only the trainer's own I/O can write.
