@@ -4,10 +4,10 @@
 #
 #   launch/host.sh CONFIG WORKDIR [--config.a.b=value ...]
 #
-# It finds this host's rank (SLURM_PROCID, JOB_COMPLETION_INDEX, TPU_WORKER_ID or the TPU VM metadata),
-# makes sure jax.distributed can find its peers, tees the output to a per-host log, records the launch on
-# rank 0 and execs the trainer: as the container's or the task's main process it gets SIGTERM itself and saves
-# at the next step boundary before the host goes away.
+# It finds this host's rank (JAX_PROCESS_ID, SLURM_PROCID, JOB_COMPLETION_INDEX, TPU_WORKER_ID or the TPU
+# VM metadata), makes sure jax.distributed can find its peers, tees the output to a per-host log, records the
+# launch on rank 0 and execs the trainer: as the container's or the task's main process it gets SIGTERM itself
+# and saves at the next step boundary before the host goes away.
 #
 # Env: TUNA2_PYTHON (interpreter), TUNA2_LOG_DIR (default WORKDIR/logs, or ~/tuna2_logs/<run> for gs://),
 # TUNA2_LAUNCHER (recorded in the history), TUNA2_DRY_RUN=1 (print the rank, env and command; run nothing).
@@ -16,8 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [[ $# -lt 2 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit 2
+  usage_exit "${BASH_SOURCE[0]}"
 fi
 config="$1"
 workdir="$2"
@@ -45,7 +44,7 @@ if [[ -z "${SLURM_PROCID:-}" && -z "${JOB_COMPLETION_INDEX:-}" && -z "${TPU_WORK
     export TPU_WORKER_ID="${worker_id}" TPU_WORKER_HOSTNAMES
   fi
 fi
-rank="${SLURM_PROCID:-${JOB_COMPLETION_INDEX:-${TPU_WORKER_ID:-0}}}"
+rank="${JAX_PROCESS_ID:-${SLURM_PROCID:-${JOB_COMPLETION_INDEX:-${TPU_WORKER_ID:-0}}}}"
 
 if is_remote_path "${workdir}"; then
   log_dir="${TUNA2_LOG_DIR:-${HOME}/tuna2_logs/$(basename "${workdir}")}"
@@ -53,6 +52,12 @@ else
   log_dir="${TUNA2_LOG_DIR:-${workdir}/logs}"
 fi
 cmd=("${python}" -m tuna2_jax.train --config="${config}" --workdir="${workdir}" "$@")
+# GKE GPU pods carry the coordinator in the env; jax reads JAX_COORDINATOR_ADDRESS itself but not the count
+# and the id, so they become the trainer's flags.
+if [[ -n "${JAX_COORDINATOR_ADDRESS:-}" && -n "${JAX_NUM_PROCESSES:-}" && -n "${JAX_PROCESS_ID:-}" ]]; then
+  cmd+=(--coordinator_address="${JAX_COORDINATOR_ADDRESS}" --num_processes="${JAX_NUM_PROCESSES}"
+    --process_id="${JAX_PROCESS_ID}")
+fi
 
 if [[ "${TUNA2_DRY_RUN:-0}" == 1 ]]; then
   printf 'rank=%s log=%s\n' "${rank}" "${log_dir}/host_${rank}.log"

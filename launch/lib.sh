@@ -50,3 +50,9 @@ record_launch() {
   "$(tuna2_python)" -m launch.record --launcher="${launcher}" --workdir="${workdir}" \
     --invocation="${invocation}" -- "$@" || printf 'warning: could not record the launch in %s\n' "${workdir}" >&2
 }
+
+# Prints a script's header comment (its usage text) and exits 2.
+usage_exit() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$1"
+  exit 2
+}

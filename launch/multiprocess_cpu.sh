@@ -15,8 +15,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [[ $# -lt 3 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit 2
+  usage_exit "${BASH_SOURCE[0]}"
 fi
 num_processes="$1"
 config="$2"

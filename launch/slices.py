@@ -25,7 +25,7 @@ _TPU_FAMILIES = {
     "v6e": ("tpu-v6e-slice", 1, 4, 8, 2),
 }
 # GPU nodes: accelerator name -> (GKE accelerator label, GPUs per node).
-_GPU_NODES = {
+GPU_NODES = {
     "h100": ("nvidia-h100-80gb", 8),
     "h100-mega": ("nvidia-h100-mega-80gb", 8),
     "h200": ("nvidia-h200-141gb", 8),
@@ -75,9 +75,9 @@ def tpu_slice(accelerator_type: str) -> Slice:
 
 def gpu_slice(gpu: str, nodes: int) -> Slice:
   """('h100', 4) -> 4 hosts x 8 GPUs."""
-  if gpu not in _GPU_NODES:
-    raise ValueError(f"unknown GPU {gpu!r}; expected one of {sorted(_GPU_NODES)}")
-  label, per_node = _GPU_NODES[gpu]
+  if gpu not in GPU_NODES:
+    raise ValueError(f"unknown GPU {gpu!r}; expected one of {sorted(GPU_NODES)}")
+  label, per_node = GPU_NODES[gpu]
   return Slice(f"{gpu}-{nodes}x{per_node}", "gpu", nodes, per_node, label, "")
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError("usage: python -m launch.slices TPU_TYPE|GPU [--nodes=N] [--field=hosts]")
   name = argv[1]
-  s = gpu_slice(name, _NODES.value) if name in _GPU_NODES else tpu_slice(name)
+  s = gpu_slice(name, _NODES.value) if name in GPU_NODES else tpu_slice(name)
   if _FIELD.value:
     print(getattr(s, _FIELD.value))
     return

@@ -23,8 +23,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
-  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  exit 2
+  usage_exit "${BASH_SOURCE[0]}"
 }
 
 name="" zone="" project="" accelerator="" version="" create=0 spot=0 setup=0 sync=1 dry_run=0
