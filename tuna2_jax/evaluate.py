@@ -325,7 +325,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = json.load(f)
+  # Runs written before an eval field existed get its default (so --config.eval.<field> can override it).
+  config["eval"] = {**EVAL_DEFAULTS, **config.get("eval", {})}
+  return ml_collections.ConfigDict(config)
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, int]:
@@ -362,8 +365,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # noqa: PLC0415
+  from absl import flags, logging  # noqa: PLC0415
 
+  logging.set_verbosity(logging.WARNING)  # the libraries' INFO lines would bury the table
   result, paths = run(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
   print(report.summary_table(result))
   print("\n".join(f"{k}: {v}" for k, v in paths.items()))
