@@ -140,7 +140,7 @@ def table(rows: list[dict]) -> str:
 def main(argv):
   del argv
   load_before = os.getloadavg()
-  rows, torch_info = [], {}
+  rows, torch_info, torch_threads = [], {}, {}
   torch_sides = {"torch": 0, "torch_1thread": 1}  # name -> intra-op threads (0: torch's default)
   for size in FLAGS.sizes.split(","):
     case, cfg = case_of(size, FLAGS.max_batch)
@@ -153,6 +153,7 @@ def main(argv):
         times[k] += times_ms(run, FLAGS.repeats)
       for side, threads in torch_sides.items():
         torch_info = run_torch(case, warmup=FLAGS.warmup, repeats=FLAGS.repeats, threads=threads)
+        torch_threads[side] = torch_info.get("threads")
         for k in ("forward", "forward_backward"):
           times[f"{side}_{k}"] += torch_info["results"][0][f"{k}_times_ms"] if "results" in torch_info else []
     row = dict(case)
@@ -172,7 +173,7 @@ def main(argv):
                    loadavg_before=load_before, loadavg_after=os.getloadavg()),
       versions=dict(python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
                     torch=torch_info.get("torch"), transformers=torch_info.get("transformers")),
-      jax_device=str(jax.devices()[0]), torch_threads=torch_info.get("threads"),
+      jax_device=str(jax.devices()[0]), torch_threads=torch_threads,
       torch_error=torch_info.get("error"),
       method=dict(rounds=FLAGS.rounds, repeats_per_round=FLAGS.repeats, warmup=FLAGS.warmup,
                   statistic="median over all timed runs", unit="ms", loss="mean next-token cross-entropy",
