@@ -31,14 +31,14 @@ _COORDINATOR_PORT = 1234  # GPU jobs: JAX's coordinator on pod 0 (TPU jobs use t
 
 
 def gpu_env_file(path: str = os.path.join(_HERE, "..", "gpu_flags.env")) -> dict[str, str]:
-  """KEY=VALUE lines of launch/gpu_flags.env (comments and blanks skipped)."""
+  """KEY=VALUE / KEY="VALUE" lines of launch/gpu_flags.env (comments and blanks skipped)."""
   out = {}
   with open(path) as f:
     for line in f:
       line = line.strip()
       if line and not line.startswith("#"):
         key, _, value = line.partition("=")
-        out[key] = value
+        out[key] = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
   return out
 
 
