@@ -28,11 +28,6 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (local path or gs://).")
-_LAUNCHER = flags.DEFINE_string("launcher", "", "Which launcher started the run (local, tpu_vm, ...).")
-_INVOCATION = flags.DEFINE_string("invocation", "", "The launcher's command line, shell-quoted.")
-_CHECK_ONLY = flags.DEFINE_bool("check_only", False, "Resolve the config and print it; write nothing.")
-
 # Environment variables that change what a run computes or how it communicates.
 _ENV_PATTERN = re.compile(r"^(XLA_FLAGS|LIBTPU_INIT_ARGS|JAX_\w+|NCCL_\w+|TPU_\w+|SLURM_JOB_ID|SLURM_NNODES"
                           r"|SLURM_NTASKS|JOB_COMPLETION_INDEX|JOBSET_NAME|CUDA_VISIBLE_DEVICES|TUNA2_\w+)$")
@@ -55,9 +50,12 @@ def config_args(train_args: list[str]) -> list[str]:
 
 def resolve_config(train_args: list[str]):
   """The ConfigDict the trainer will see for these arguments (same flag machinery, fresh flag values)."""
+  argv = ["record"] + config_args(train_args)
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True)
-  values(["record"] + config_args(train_args))
+  # The overrides are read from sys_argv (not FlagValues parsing): pass this argv, not the process's.
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
   if values.config is None:
     raise ValueError("no --config=... among the trainer arguments")
   return values.config
@@ -101,14 +99,20 @@ def record(workdir: str, *, launcher: str, invocation: str, train_args: list[str
 
 def main(argv: list[str]) -> None:
   train_args = argv[1:]
-  if _CHECK_ONLY.value:
+  f = flags.FLAGS
+  if f.check_only:
     print(resolve_config(train_args))
     return
-  if not _WORKDIR.value:
+  if not f.workdir:
     raise app.UsageError("--workdir is required")
-  out = record(_WORKDIR.value, launcher=_LAUNCHER.value, invocation=_INVOCATION.value, train_args=train_args)
+  out = record(f.workdir, launcher=f.launcher, invocation=f.invocation, train_args=train_args)
   print(f"recorded the launch in {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: launch.sweep imports this module and has flags of its own.
+  flags.DEFINE_string("workdir", None, "The run's workdir (local path or gs://).")
+  flags.DEFINE_string("launcher", "", "Which launcher started the run (local, tpu_vm, ...).")
+  flags.DEFINE_string("invocation", "", "The launcher's command line, shell-quoted.")
+  flags.DEFINE_bool("check_only", False, "Resolve the config and print it; write nothing.")
   app.run(main)
