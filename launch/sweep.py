@@ -43,7 +43,7 @@ LAUNCHERS = ("local", "tpu_vm", "gke", "slurm")
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Path of a configs/sweeps/<name>.py file.")
 _LAUNCHER = flags.DEFINE_enum("launcher", "local", LAUNCHERS, "How each run is started.")
-_ROOT = flags.DEFINE_string("root", "runs/sweeps", "Workdirs go under ROOT/<sweep name>/ (gs:// for clusters).")
+_ROOT = flags.DEFINE_string("root", "runs/sweeps", "Workdirs go under ROOT/<sweep>/ (gs:// for clusters).")
 _LAUNCHER_ARGS = flags.DEFINE_string("launcher_args", "", "Extra launcher options, shell-quoted, e.g. "
                                      "'--name=pod1 --zone=us-east5-b --accelerator_type=v5litepod-16'.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each run's launch (cluster launchers print theirs).")
@@ -64,7 +64,8 @@ class Run:
 
   def config_args(self) -> list[str]:
     """The trainer's config arguments: --config=... then one --config.<key>=<value> per override."""
-    return [f"--config={self.config}"] + [f"--config.{k}={format_value(v)}" for k, v in self.overrides.items()]
+    overrides = [f"--config.{k}={format_value(v)}" for k, v in self.overrides.items()]
+    return [f"--config={self.config}", *overrides]
 
 
 def format_value(v: Any) -> str:

@@ -1,4 +1,4 @@
-"""Masked visual feature learning on the tiny Tuna-2: off, the paper's schedule at several ratios, the release's.
+"""Masked visual feature learning on the tiny Tuna-2: off, the paper's form at 3 ratios, the release's form.
 
   python -m launch.sweep --sweep=configs/sweeps/mask_ratio.py --launcher=local --root=runs/sweeps
 

@@ -97,7 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--accelerator", required=True, help="TPU type (v5litepod-16, v6e-64, ...) or GPU (h100).")
   p.add_argument("--nodes", type=int, default=1, help="GPU nodes (GPU accelerators only).")
   p.add_argument("--repo_dir", default="/app", help="Where the image holds this repository.")
-  p.add_argument("--max_restarts", type=int, default=10, help="JobSet restarts (preemptions) before giving up.")
+  p.add_argument("--max_restarts", type=int, default=10, help="JobSet restarts before giving up.")
   p.add_argument("--grace_seconds", type=int, default=300, help="SIGTERM-to-SIGKILL time for the final save.")
   p.add_argument("--env", action="append", default=[], help="KEY=VALUE for every pod (repeatable).")
   p.add_argument("--namespace", default="", help="kubectl namespace.")
@@ -127,7 +127,8 @@ def main(argv: list[str]) -> None:
   with open(path, "w") as f:
     f.write(text)
   with open(os.path.join(out_dir, "command.sh"), "w") as f:
-    f.write(f"cd {shlex.quote(os.getcwd())}\n{shlex.join([sys.executable, '-m', 'launch.gke.jobset', *argv])}\n")
+    command = shlex.join([sys.executable, "-m", "launch.gke.jobset", *argv])
+    f.write(f"cd {shlex.quote(os.getcwd())}\n{command}\n")
   kubectl = ["kubectl", "apply", "-f", path] + (["-n", args.namespace] if args.namespace else [])
   print(shlex.join(kubectl), file=sys.stderr)
   subprocess.run(kubectl, check=True)
