@@ -183,9 +183,13 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.mesh = mesh_config()
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.init_from = ""       # another run's checkpoint or an HF Qwen2 directory
+  c.checkpoint.every = 500          # save every this many steps (and always at the end and on SIGTERM)
+  c.checkpoint.keep = 3             # the most recent checkpoints kept
+  c.checkpoint.keep_every = 0       # also keep every step divisible by this one forever (0: none)
+  c.checkpoint.async_save = True    # write in a background thread; the loop blocks only for the host copy
+  # Warm start when the workdir has no checkpoint: another run's workdir (or its checkpoints/<step>),
+  # parameters only; or an HF Qwen2 directory (decoder weights in, multimodal parameters fresh).
+  c.checkpoint.init_from = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                  # steps between evaluations in training (0: none)

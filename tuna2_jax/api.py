@@ -4,8 +4,12 @@
   logits = model.text_logits(tokens)                              # int32 [B, L] -> float32 [B, L, V]
 
 Recognised directories: a native exported checkpoint (config.json + params.safetensors, written by
-`tuna2_jax.convert.hf_qwen2.save_native` or its `import` command) and a Hugging Face Qwen2 / Qwen2.5
-`save_pretrained` directory (config.json with model_type "qwen2" + model.safetensors or its shard index).
+`tuna2_jax.convert.hf_qwen2.save_native` or its `import` command), a Hugging Face Qwen2 / Qwen2.5
+`save_pretrained` directory (config.json with model_type "qwen2" + model.safetensors or its shard index),
+and a training workdir (its checkpoints/, or one checkpoints/<step>): parameters only, the optimizer is never
+read.
+
+  model = tuna2_jax.api.from_pretrained("runs/tiny", step=2000, ema=True, dtype="bfloat16")
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tuna2_jax import sequence
+from tuna2_jax import checkpoint, sequence
 from tuna2_jax.convert import hf_qwen2
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.tuna2 import Tuna2
@@ -50,15 +54,23 @@ class Pretrained:
     return self._text_logits(self.params, sequence.text_batch(tokens, self.config.patch_size))
 
 
-def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, seed: int = 0) -> Pretrained:
-  """Loads a native exported checkpoint or a Hugging Face Qwen2 directory.
+def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, seed: int = 0,
+                    step: int | None = None, ema: bool = False) -> Pretrained:
+  """Loads a native exported checkpoint, a Hugging Face Qwen2 directory or a training workdir.
 
   dtype: run the model in it (e.g. "bfloat16"; parameters are cast); None keeps the stored precision
   (float32 for Hugging Face imports). seed: initialises the parameters a Qwen2 checkpoint lacks
   (patch and timestep embeddings, the flow head); it is unused for native checkpoints.
+  step, ema (training workdirs only): which step (None: the latest intact one), and the EMA parameters
+  instead of the raw ones (an error when the run kept no EMA).
   """
   path = pathlib.Path(path)
   config = path / "config.json"
+  if _is_training_dir(path):
+    cfg, params = checkpoint.restore_params(path, step, dtype, ema=ema)
+    return Pretrained(cfg, params)
+  if step is not None or ema:
+    raise ValueError(f"{path}: step= and ema= apply to training workdirs only (checkpoints/<step>/state)")
   if (path / hf_qwen2.NATIVE_PARAMS).is_file() and config.is_file():
     cfg, params = hf_qwen2.load_native(path, dtype=dtype)
     return Pretrained(cfg, params)
@@ -69,5 +81,14 @@ def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, seed:
   found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such directory"
   raise ValueError(
       f"{path}: not a pretrained model. Expected a native checkpoint (config.json + "
-      f"{hf_qwen2.NATIVE_PARAMS}) or a Hugging Face Qwen2 directory (config.json with model_type 'qwen2' "
-      f"+ model.safetensors or model.safetensors.index.json); found: {found}")
+      f"{hf_qwen2.NATIVE_PARAMS}), a Hugging Face Qwen2 directory (config.json with model_type 'qwen2' "
+      f"+ model.safetensors or model.safetensors.index.json) or a training workdir (checkpoints/<step>/); "
+      f"found: {found}")
+
+
+def _is_training_dir(path: pathlib.Path) -> bool:
+  """A run's workdir, its checkpoints/ directory, or one checkpoints/<step> directory."""
+  if path.name.isdigit() and (path / "state").is_dir():
+    return True
+  root = path if path.name == "checkpoints" else path / "checkpoints"
+  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())

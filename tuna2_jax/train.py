@@ -220,12 +220,20 @@ def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sh
 
 
 class PreemptionFlag:
-  """SIGTERM / SIGINT ask the loop to save at the next step boundary and exit cleanly."""
+  """SIGTERM / SIGINT ask the loop to save at the next step boundary and exit cleanly.
+
+  One process: Python handlers set a flag. Several processes: JAX's preemption service (started by
+  jax.distributed.initialize; it catches SIGTERM on any host) picks a step every process reaches, so all save
+  the same step; SIGINT is forwarded to it as SIGTERM.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    self._service = jax.process_count() > 1 and _preemption_service_running()
+    if jax.process_count() > 1 and not self._service:
+      logging.warning("no JAX preemption service: a signal reaching only some processes cannot stop all")
+    for sig in (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. under some test runners)
@@ -234,11 +242,26 @@ class PreemptionFlag:
   def _handle(self, signum, frame):
     del frame
     logging.warning("signal %d: saving at the next step boundary, then exiting", signum)
-    self.requested = True
+    if self._service:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """True at the step boundary where every process saves and stops; call once per step."""
+    if self._service:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _preemption_service_running() -> bool:
+  from jax._src import distributed  # noqa: PLC0415  (no public query for it)
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -297,13 +320,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_shardings = sharding.batch_shardings(dummy_batch(config), mesh)
   step_fn = jit_train_step(config, model, tx, schedule, mesh, state_shardings, batch_shardings)
 
-  # --- restore
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 keep_every=config.checkpoint.get("keep_every", 0),
-                                 with_data=batches is None)
+  # --- restore: this workdir's latest intact checkpoint (data position included), else a warm start
+  ckpt = checkpoint.Checkpointer.from_config(workdir, config.checkpoint, with_data=batches is None)
+  resumed: dict[str, float] = {}  # tokens / images seen before this process started
   if ckpt.latest_step() is not None:
     abstract = checkpoint.abstract_with_shardings(state, state_shardings)
-    state, _ = ckpt.restore(abstract, data_iter=data_iter if batches is None else None)
+    del state  # free the fresh initialisation first: peak memory stays one train state
+    state, resumed = ckpt.restore(abstract, data_iter=data_iter if batches is None else None)
+  elif config.checkpoint.init_from:  # parameters only (another run, or HF Qwen2 weights into the decoder)
+    state, report = checkpoint.warm_start(state, state_shardings, config.checkpoint.init_from, model_cfg)
+    if is_main:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "warm_start.json"), "w") as f:
+        f.write(report.to_json())
   start = int(state.step)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -320,9 +349,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last: dict[str, float] = {}
   meta = {"tokens_seen": 0.0, "images_seen": 0.0}
 
+  resolved_config = json.loads(config.to_json_best_effort())
+
   def save(step: int):
-    ckpt.save(step, state, data_iter=data_iter if batches is None else None, config=json.loads(
-        config.to_json_best_effort()), meta=dict(meta, wall_time=time.time()))
+    seen = {k: float(resumed.get(k, 0.0)) + v for k, v in meta.items()}
+    ckpt.save(step, state, data_iter=data_iter if batches is None else None, config=resolved_config,
+              meta=dict(seen, wall_time=time.time(), process_count=jax.process_count()))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start, config.train.steps):
@@ -340,9 +372,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.close()
         raise FloatingPointError(f"{max_bad} consecutive non-finite steps ending at step {done}; the last "
                                  f"good checkpoint is step {ckpt.latest_step()}")
-      if preempt.requested or (ckpt_every and done % ckpt_every == 0) or done == config.train.steps:
+      meta["images_seen"] += float(np.sum(local["modality"] == 2)) * jax.process_count()  # one TIME slot each
+      preempted = preempt.reached(done)  # every process agrees on the step
+      if preempted or (ckpt_every and done % ckpt_every == 0) or done == config.train.steps:
         save(done)
-      if preempt.requested:
+      if preempted:
         logging.warning("preempted: saved step %d", done)
         break
       if config.eval.get("every", 0) and done % config.eval.every == 0:  # periodic eval on a subset
