@@ -150,8 +150,13 @@ def final_metrics(workdir: str) -> dict[str, float]:
 
 
 def summarize(runs: Sequence[Run], *, metric: str, mode: str, columns: Sequence[str]) -> tuple[str, str]:
-  """(markdown, csv): one row per run, best --metric first, runs without the metric last."""
+  """(markdown, csv): one row per run, best --metric first, runs without the metric last.
+
+  Override columns are those that differ between runs (all of them for a single run).
+  """
   keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+  varying = [k for k in keys if len({repr(r.overrides.get(k)) for r in runs}) > 1]
+  keys = varying if varying or len(runs) > 1 else keys
   shown = [metric] + [c for c in columns if c != metric]
   rows = []
   for r in runs:
