@@ -16,8 +16,8 @@
 #   --log_dir=D          local directory for the per-worker logs (default runs/launch/<run_name>)
 #   --dry_run            print every command (create, sync, setup, run) and run nothing
 #
-# WORKDIR must be shared by all workers (gs://bucket/path): Orbax writes one checkpoint from all hosts and the
-# trainer resumes from its latest step when relaunched on the same WORKDIR. Overrides pass through unchanged.
+# WORKDIR must be shared by all workers (a gcsfuse mount of a bucket, /gcs/runs/x, see launch/README.md): Orbax
+# writes one checkpoint from all hosts and the trainer resumes from its latest step when relaunched on it. Overrides pass through unchanged.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -70,8 +70,8 @@ if [[ -z "${version}" ]]; then
 fi
 run_name="${run_name:-$(basename "${workdir}")}"
 log_dir="${log_dir:-runs/launch/${run_name}}"
-if [[ "${hosts}" -gt 1 ]] && ! is_remote_path "${workdir}"; then
-  printf 'warning: WORKDIR %s is a local path; %s workers need a shared one (gs://...)\n' "${workdir}" \
+if [[ "${hosts}" -gt 1 && "${workdir}" != gs://* && "${workdir}" != /gcs/* ]]; then
+  printf 'note: WORKDIR %s must be shared by the %s workers (a gcsfuse mount or NFS)\n' "${workdir}" \
     "${hosts}" >&2
 fi
 

@@ -76,13 +76,21 @@ def manifest(args: argparse.Namespace) -> str:
     # NCCL moves data through /dev/shm; the container default (64 MiB) is far too small.
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+  annotations = {}
+  if args.gcs_bucket:
+    # Cloud Storage FUSE CSI: WORKDIR can be a plain path under --gcs_mount for every file the run writes.
+    annotations["gke-gcsfuse/volumes"] = "true"
+    volumes.append({"name": "gcs", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "volumeAttributes": {
+        "bucketName": args.gcs_bucket, "mountOptions": "implicit-dirs"}}})
+    mounts.append({"name": "gcs", "mountPath": args.gcs_mount})
   for kv in args.env:
     key, _, value = kv.partition("=")
     env = [e for e in env if e["name"] != key] + [{"name": key, "value": value}]
   command = ["bash", "launch/host.sh", args.config, args.workdir, *args.overrides]
   fields = dict(
       name=args.name, labels={"app": "tuna2", "tuna2/run": args.name}, max_restarts=args.max_restarts,
-      hosts=s.hosts, grace_seconds=args.grace_seconds, host_network=host_network, dns_policy=dns,
+      hosts=s.hosts, pod_annotations=annotations, grace_seconds=args.grace_seconds,
+      host_network=host_network, dns_policy=dns,
       node_selector=selector, tolerations=tolerations, volumes=volumes, image=args.image,
       repo_dir=args.repo_dir, command=command, env=env, ports=ports, volume_mounts=mounts, limits=limits)
   with open(os.path.join(_HERE, "jobset.yaml")) as f:
@@ -100,6 +108,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--max_restarts", type=int, default=10, help="JobSet restarts before giving up.")
   p.add_argument("--grace_seconds", type=int, default=300, help="SIGTERM-to-SIGKILL time for the final save.")
   p.add_argument("--env", action="append", default=[], help="KEY=VALUE for every pod (repeatable).")
+  p.add_argument("--gcs_bucket", default="", help="Mount this bucket with Cloud Storage FUSE (needs the "
+                 "CSI driver and a Workload Identity service account).")
+  p.add_argument("--gcs_mount", default="/gcs", help="Where --gcs_bucket is mounted in the pods.")
   p.add_argument("--namespace", default="", help="kubectl namespace.")
   p.add_argument("--out_dir", default="", help="Where to keep the manifest (default runs/launch/<name>).")
   p.add_argument("--dry_run", action="store_true", help="Print the manifest; submit nothing.")
@@ -109,8 +120,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args = p.parse_args(argv)
   if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
     p.error(f"--name={args.name!r}: lowercase letters, digits and '-', at most 40 chars, start with a letter")
-  if "://" not in args.workdir:
-    print(f"warning: WORKDIR {args.workdir} is not gs://; pods only share it if it is a mounted volume",
+  if "://" not in args.workdir and not (args.gcs_bucket and args.workdir.startswith(args.gcs_mount + "/")):
+    print(f"warning: WORKDIR {args.workdir} is neither gs:// nor under --gcs_mount; pods share no disk",
           file=sys.stderr)
   return args
 

@@ -77,12 +77,14 @@ def test_gke_tpu_manifest():
 
 def test_gke_gpu_manifest():
   out = run([".venv/bin/python", "-m", "launch.gke.jobset", "--dry_run", "--name=g7b", "--image=img:1",
-             "--accelerator=h100", "--nodes=2", "--env=NCCL_DEBUG=INFO", "configs/tuna2_7b.py",
-             "gs://b/runs/7b", *OVERRIDES])
+             "--accelerator=h100", "--nodes=2", "--env=NCCL_DEBUG=INFO", "--gcs_bucket=bkt",
+             "configs/tuna2_7b.py", "/gcs/runs/7b", *OVERRIDES])
   _, job, pod = _pod(out)
   assert job["parallelism"] == job["completions"] == 2
   (container,) = pod["containers"]
-  assert container["command"][2:] == ["configs/tuna2_7b.py", "gs://b/runs/7b", *OVERRIDES]
+  assert container["command"][2:] == ["configs/tuna2_7b.py", "/gcs/runs/7b", *OVERRIDES]
+  assert {"name": "gcs", "mountPath": "/gcs"} in container["volumeMounts"]
+  assert job["template"]["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
   assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
   env = _env(container)
   assert env["JAX_COORDINATOR_ADDRESS"] == "g7b-workers-0-0.g7b:1234"
