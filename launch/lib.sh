@@ -48,7 +48,8 @@ record_launch() {
   local launcher="$1" workdir="$2" invocation="$3"
   shift 3
   "$(tuna2_python)" -m launch.record --launcher="${launcher}" --workdir="${workdir}" \
-    --invocation="${invocation}" -- "$@" || printf 'warning: could not record the launch in %s\n' "${workdir}" >&2
+    --invocation="${invocation}" -- "$@" \
+    || printf 'warning: could not record the launch in %s\n' "${workdir}" >&2
 }
 
 # Prints a script's header comment (its usage text) and exits 2.

@@ -6,7 +6,8 @@
 #
 # Overrides pass through unchanged. Records the launch in WORKDIR/launch/ (command.sh, config.json,
 # history.jsonl), tees the output to WORKDIR/logs/local.log and execs the trainer, so SIGTERM / Ctrl-C reach
-# it directly: it saves at the next step boundary. Rerunning the same command resumes from the latest checkpoint.
+# it directly: it saves at the next step boundary. Rerunning the same command resumes from the latest
+# checkpoint.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

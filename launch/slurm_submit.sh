@@ -2,7 +2,7 @@
 # Submits launch/slurm_gpu.sbatch: multi-node GPU training, one process per node or per GPU.
 #
 #   launch/slurm_submit.sh [options] CONFIG WORKDIR [--config.a.b=value ...]
-#   launch/slurm_submit.sh --nodes=4 --partition=h100 configs/tuna2_7b.py /shared/runs/7b --config.optim.lr=3e-4
+#   launch/slurm_submit.sh --nodes=4 --partition=h100 configs/tuna2_7b.py /shared/runs/7b
 #
 #   --nodes=N            nodes (default 1)
 #   --gpus_per_node=G    GPUs per node (default 8)
@@ -12,8 +12,8 @@
 #   --sbatch_arg=ARG     any other sbatch option (repeatable), e.g. --sbatch_arg=--reservation=r1
 #   --dry_run            print the sbatch command and what every task would run (simulated SLURM env)
 #
-# Run it from the repository root on a login node; WORKDIR must be on a shared file system. Resubmitting on the
-# same WORKDIR resumes from the latest checkpoint (the job also requeues itself at its time limit).
+# Run it from the repository root on a login node; WORKDIR must be on a shared file system. Resubmitting on
+# the same WORKDIR resumes from the latest checkpoint (the job also requeues itself at its time limit).
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -53,7 +53,8 @@ cmd=(sbatch --job-name="${job_name}" --nodes="${nodes}" --gpus-per-node="${gpus}
 printf '%s\n' "$(quote_cmd "${cmd[@]}")"
 if ((dry_run)); then
   # What the batch script does on the first node, with the env SLURM would give it.
-  env TUNA2_DRY_RUN=1 TUNA2_REPO="${TUNA2_REPO}" SLURM_JOB_ID=1000 SLURM_JOB_NODELIST="node[001-$(printf '%03d' "${nodes}")]" \
+  nodelist="node[001-$(printf '%03d' "${nodes}")]"
+  env TUNA2_DRY_RUN=1 TUNA2_REPO="${TUNA2_REPO}" SLURM_JOB_ID=1000 SLURM_JOB_NODELIST="${nodelist}" \
     SLURM_JOB_NUM_NODES="${nodes}" SLURM_NTASKS_PER_NODE="${tasks_per_node}" SLURM_GPUS_ON_NODE="${gpus}" \
     bash "${TUNA2_REPO}/launch/slurm_gpu.sbatch" "${config}" "${workdir}" "$@"
   exit 0

@@ -2,7 +2,8 @@
 # Train on every worker of a Cloud TPU VM slice: create it (optional), sync this checkout, set up a venv
 # (optional) and run the same launch/host.sh command on all workers, with one log per worker.
 #
-#   launch/tpu_vm.sh --name=NAME --zone=ZONE --accelerator_type=v5litepod-16 [options] CONFIG WORKDIR [overrides]
+#   launch/tpu_vm.sh --name=NAME --zone=ZONE --accelerator_type=v5litepod-16 [options] \
+#     CONFIG WORKDIR [overrides]
 #
 #   --project=P          gcloud project (default: gcloud's)
 #   --create             create the TPU VM when it does not exist (--version, --spot apply)
@@ -11,13 +12,14 @@
 #   --setup              install Python 3.12 + a venv from requirements.txt on every worker (first run)
 #   --nosync             do not copy this checkout to the workers (by default every run syncs it)
 #   --repo_dir=D         checkout on the workers, relative to $HOME (default tuna2_jax)
-#   --env=K=V            exported on every worker before the trainer starts (repeatable: LIBTPU_INIT_ARGS, ...)
+#   --env=K=V            exported on every worker before the trainer (repeatable: LIBTPU_INIT_ARGS, ...)
 #   --run_name=N         names the local log directory (default: basename of WORKDIR)
 #   --log_dir=D          local directory for the per-worker logs (default runs/launch/<run_name>)
 #   --dry_run            print every command (create, sync, setup, run) and run nothing
 #
-# WORKDIR must be shared by all workers (a gcsfuse mount of a bucket, /gcs/runs/x, see launch/README.md): Orbax
-# writes one checkpoint from all hosts and the trainer resumes from its latest step when relaunched on it. Overrides pass through unchanged.
+# WORKDIR must be shared by all workers (a gcsfuse mount of a bucket, /gcs/runs/x, see launch/README.md):
+# Orbax writes one checkpoint from all hosts, and the trainer resumes from its latest step when relaunched on
+# it. Overrides pass through unchanged.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -52,7 +54,8 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
   shift
 done
 [[ $# -ge 2 ]] || usage
-[[ -n "${name}" && -n "${zone}" && -n "${accelerator}" ]] || die "--name, --zone and --accelerator_type are required"
+[[ -n "${name}" && -n "${zone}" && -n "${accelerator}" ]] \
+  || die "--name, --zone and --accelerator_type are required"
 config="$1"
 workdir="$2"
 shift 2
@@ -105,7 +108,9 @@ fi
 if ((sync)); then
   # This checkout as it is (tracked + untracked, minus .gitignore'd runs/ and .venv/), on every worker.
   tarball="/tmp/tuna2_src_${run_name//[^A-Za-z0-9_-]/_}.tgz"
-  printf '%s\n' "git -C $(quote_cmd "${TUNA2_REPO}") ls-files -z --cached --others --exclude-standard | tar -C $(quote_cmd "${TUNA2_REPO}") --null -T - -czf $(quote_cmd "${tarball}")"
+  repo_q="$(quote_cmd "${TUNA2_REPO}")"
+  printf '%s\n' "git -C ${repo_q} ls-files -z --cached --others --exclude-standard \
+| tar -C ${repo_q} --null -T - -czf $(quote_cmd "${tarball}")"
   if ((dry_run == 0)); then
     git -C "${TUNA2_REPO}" ls-files -z --cached --others --exclude-standard \
       | tar -C "${TUNA2_REPO}" --null -T - -czf "${tarball}"
@@ -119,7 +124,8 @@ if ((setup)); then
   # TPU VM images ship Python 3.10; uv brings a standalone 3.12 (JAX 0.11 needs it) and installs the pins.
   setup_cmd="set -e; cd $(quote_cmd "${repo_dir}"); python3 -m pip install -q --user uv"
   setup_cmd+="; ~/.local/bin/uv venv -q --allow-existing --python 3.12 .venv"
-  setup_cmd+="; ~/.local/bin/uv pip install -q --python .venv/bin/python -r requirements.txt -r requirements-tpu.txt"
+  setup_cmd+="; ~/.local/bin/uv pip install -q --python .venv/bin/python"
+  setup_cmd+=" -r requirements.txt -r requirements-tpu.txt"
   setup_cmd+="; ~/.local/bin/uv pip install -q --python .venv/bin/python --no-deps -e ."
   setup_cmd+="; .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count())'"
   run "${gcloud_tpu[@]}" ssh "${name}" --worker=all "${where[@]}" --command="${setup_cmd}"
