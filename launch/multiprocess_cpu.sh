@@ -31,6 +31,8 @@ logs="${workdir}/logs"
 mkdir -p "${logs}"
 record_launch multiprocess_cpu "${workdir}" "${invocation}" --config="${config}" "$@"
 
+# Where this launch starts in process 0's log (the terminal shows only this launch's part).
+start_bytes="$(stat -c %s "${logs}/process_0.log" 2>/dev/null || echo 0)"
 pids=()
 stop_all() {
   local pid
@@ -45,7 +47,8 @@ for ((i = 0; i < num_processes; i++)); do
   log="${logs}/process_${i}.log"
   cmd=("${python}" -m tuna2_jax.train --config="${config}" --workdir="${workdir}"
     --coordinator_address="127.0.0.1:${port}" --num_processes="${num_processes}" --process_id="${i}" "$@")
-  printf 'process %d: %s\n' "${i}" "$(quote_cmd "${cmd[@]}")" >"${log}"
+  # Appended: a relaunch keeps the earlier attempts' logs above its own.
+  printf 'process %d: %s\n' "${i}" "$(quote_cmd "${cmd[@]}")" >>"${log}"
   # The device count goes last so it wins over any inherited XLA_FLAGS setting.
   JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
     "${cmd[@]}" >>"${log}" 2>&1 &
@@ -53,7 +56,7 @@ for ((i = 0; i < num_processes; i++)); do
 done
 printf 'multiprocess_cpu: %d processes x %d CPU devices, coordinator 127.0.0.1:%s, logs in %s\n' \
   "${num_processes}" "${devices}" "${port}" "${logs}"
-tail -n +1 -f "${logs}/process_0.log" --pid="${pids[0]}" &
+tail -c "+$((start_bytes + 1))" -f "${logs}/process_0.log" --pid="${pids[0]}" &
 tail_pid=$!
 
 # Wait for all; the first failure stops the rest (they would block in a collective until a timeout).
@@ -63,7 +66,8 @@ while ((${#running[@]} > 0)); do
   rc=0
   done_pid=""
   wait -n -p done_pid "${running[@]}" || rc=$?
-  if [[ -z "${done_pid}" ]]; then
+  # A trapped signal interrupts wait and leaves done_pid unset.
+  if [[ -z "${done_pid:-}" ]]; then
     continue  # interrupted by the trap: keep waiting while the processes save and exit
   fi
   left=()

@@ -33,7 +33,8 @@ def test_two_processes_train_then_resume(tmp_path, shapes_data_dir):
   assert _steps(workdir) == [1, 2, 3]
   assert _checkpoints(workdir) == [2, 3]
   log1 = (workdir / "logs/process_1.log").read_text()
-  assert "--process_id=1" in log1.splitlines()[0] and "on 4 devices (2 processes)" in log1
+  assert log1.startswith("process 1: ") and "--process_id=1" in log1.splitlines()[0]
+  assert "on 4 devices (2 processes)" in log1
   assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 3
   assert json.loads((workdir / "launch/config.json").read_text())["data"]["seq_len"] == 64
   assert "--config.checkpoint.every=2" in (workdir / "launch/command.sh").read_text()
@@ -41,7 +42,8 @@ def test_two_processes_train_then_resume(tmp_path, shapes_data_dir):
   # Relaunch on the same workdir with a longer schedule: it continues from step 3, it does not start over.
   second = _launch(workdir, shapes_data_dir, steps=5)
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-  assert "restored checkpoint step 3" in (workdir / "logs/process_0.log").read_text()
+  log0 = (workdir / "logs/process_0.log").read_text()
+  assert log0.count("process 0: ") == 2 and "restored checkpoint step 3" in log0  # logs of both launches
   assert _steps(workdir) == [1, 2, 3, 4, 5]
   assert _checkpoints(workdir) == [3, 4, 5]  # checkpoint.keep = 3
   history = (workdir / "launch/history.jsonl").read_text().splitlines()
