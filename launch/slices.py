@@ -93,17 +93,13 @@ def mesh_overrides(mesh: dict[str, int]) -> list[str]:
   return [f"--config.mesh.shape.{axis}={n}" for axis, n in mesh.items()]
 
 
-_FIELD = flags.DEFINE_string("field", "", "Print only this field (hosts, chips_per_host, chips, ...).")
-_NODES = flags.DEFINE_integer("nodes", 1, "GPU nodes (for h100, h200, ...).")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError("usage: python -m launch.slices TPU_TYPE|GPU [--nodes=N] [--field=hosts]")
-  name = argv[1]
-  s = gpu_slice(name, _NODES.value) if name in GPU_NODES else tpu_slice(name)
-  if _FIELD.value:
-    print(getattr(s, _FIELD.value))
+  name, field = argv[1], flags.FLAGS.field
+  s = gpu_slice(name, flags.FLAGS.nodes) if name in GPU_NODES else tpu_slice(name)
+  if field:
+    print(getattr(s, field))
     return
   for field in dataclasses.fields(s):
     print(f"{field.name}={getattr(s, field.name)}")
@@ -112,4 +108,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the launchers import this table next to flags of their own.
+  flags.DEFINE_string("field", "", "Print only this field (hosts, chips_per_host, chips, ...).")
+  flags.DEFINE_integer("nodes", 1, "GPU nodes (for h100, h200, ...).")
   app.run(main)
