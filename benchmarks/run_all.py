@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,29 +54,32 @@ flags.DEFINE_integer("timeout", 3600, "seconds per benchmark before it is stoppe
 FLAGS = flags.FLAGS
 
 
-def json_files(*dirs: pathlib.Path) -> dict[pathlib.Path, float]:
-  """{path: mtime} of the JSON files under `dirs` (to see which ones a run wrote)."""
-  return {p: p.stat().st_mtime for d in dirs if d.exists() for p in d.rglob("*.json")}
-
-
 def run_one(bench: Bench, out_dir: pathlib.Path) -> dict:
   args = [sys.executable, "-m", f"benchmarks.{bench.name}"]
+  candidates: list[pathlib.Path] = []
   if not FLAGS.full:
     args += list(bench.quick)
     if bench.has_out:
-      args.append(f"--out={out_dir / f'{bench.name}.json'}")
-  before = json_files(RESULTS, out_dir)
+      candidates.append(out_dir / f"{bench.name}.json")
+      args.append(f"--out={candidates[0]}")
   print(f"=== {bench.name}: {' '.join(args[2:])}", flush=True)
-  t0 = time.perf_counter()
-  try:
-    # Output streams through (the tables each benchmark prints); only the status is kept.
-    rc = subprocess.run(args, cwd=ROOT, timeout=FLAGS.timeout, check=False).returncode
-    status = "ok" if rc == 0 else f"failed (exit {rc})"
-  except subprocess.TimeoutExpired:
-    status = f"timed out after {FLAGS.timeout} s"
-  after = json_files(RESULTS, out_dir)
-  written = sorted(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
-                   for p, m in after.items() if before.get(p) != m)
+  start, t0 = time.time(), time.perf_counter()
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  killed = threading.Event()
+  watchdog = threading.Timer(FLAGS.timeout, lambda: (killed.set(), proc.kill()))
+  watchdog.start()
+  # The output streams through (each benchmark prints its table); its "wrote <file>.json" lines name what
+  # it wrote. Not every JSON modified meanwhile: other people's runs write to benchmarks/results/ too.
+  for line in proc.stdout:
+    sys.stdout.write(line)
+    candidates += [pathlib.Path(m) if m.startswith("/") else ROOT / m
+                   for m in re.findall(r"wrote (\S+\.json)", line)]
+  rc = proc.wait()
+  watchdog.cancel()
+  status = ("ok" if rc == 0 else f"timed out after {FLAGS.timeout} s" if killed.is_set()
+            else f"failed (exit {rc})")
+  written = sorted({str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+                    for p in candidates if p.exists() and p.stat().st_mtime >= start})
   return dict(name=bench.name, status=status, seconds=time.perf_counter() - t0, written=written)
 
 
