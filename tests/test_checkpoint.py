@@ -211,10 +211,10 @@ def test_corrupt_steps_fall_back_with_a_warning_naming_the_step(tmp_path, caplog
   with open(garbled, "r+b") as f:
     f.seek(garbled.stat().st_size // 2)
     f.write(bytes(range(64)))
-  meta = root / "2/meta/metadata"  # values that no longer match their checksum (same file size)
-  saved = json.loads(meta.read_text())
+  manifest = root / "2" / checkpoint.MANIFEST  # values that no longer match their checksum
+  saved = json.loads(manifest.read_text())
   saved["checksums"]["w"][1] ^= 1
-  meta.write_text(json.dumps(saved).ljust(meta.stat().st_size))
+  manifest.write_text(json.dumps(saved))
   ckpt = checkpoint.Checkpointer(tmp_path, keep=5, with_data=False)
   with caplog.at_level(logging.WARNING):
     state, meta = ckpt.restore(abstract_of(small_state(0)))

@@ -3,7 +3,7 @@
   workdir/checkpoints/<step>/
     state/     the TrainState (OCDBT, one file set per process)   data/    Grain iterator state per process
     config/    the resolved run config (JSON)                     meta/    step, tokens/images seen, wall time
-    tuna2_files.json   name -> size of every file (written once the step is final; checked on restore)
+    tuna2_files.json   file sizes and value checksums (written once the step is final; checked on restore)
 
 Saves are async: the loop blocks only while device arrays are copied to host memory. Orbax writes each step
 into a temporary directory and renames it when complete, so an interrupted or failing save never shows up as a
@@ -22,7 +22,6 @@ that step is committed, stop_in_save:<step> while its async write is in flight; 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -63,41 +62,11 @@ def _sync(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Manifests: the size of every file of a finished step. Orbax's atomic rename guarantees a step was complete
-# when written; the manifest catches what happens to it afterwards (a truncated copy, a lost file).
-
-
-def write_manifest(step_dir: str | os.PathLike) -> None:
-  step_dir = pathlib.Path(step_dir)
-  files = {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
-           if p.is_file() and p.name != MANIFEST}
-  tmp = step_dir / (MANIFEST + ".tmp")
-  tmp.write_text(json.dumps(files, indent=0))
-  tmp.rename(step_dir / MANIFEST)
-
-
-def verify_step(step_dir: str | os.PathLike) -> None:
-  """Raises CorruptCheckpointError naming the step and the first missing or resized file."""
-  step_dir = pathlib.Path(step_dir)
-  manifest = step_dir / MANIFEST
-  if not manifest.exists():  # killed between the commit and the manifest: Orbax's commit is all we have
-    return
-  try:
-    files = json.loads(manifest.read_text())
-  except ValueError as e:
-    raise CorruptCheckpointError(f"checkpoint step {step_dir.name}: unreadable {manifest}: {e}") from e
-  for name, size in files.items():
-    path = step_dir / name
-    if not path.is_file():
-      raise CorruptCheckpointError(f"checkpoint step {step_dir.name}: missing file {path}")
-    if path.stat().st_size != size:
-      raise CorruptCheckpointError(f"checkpoint step {step_dir.name}: {path} has {path.stat().st_size} "
-                                   f"bytes, the manifest says {size} (truncated or overwritten)")
-
-
-# Checksums of the array values, computed on device (order-free uint32 sums, so any mesh and any number of
-# processes gets the same numbers) and stored in meta: they catch silent corruption inside a data file, which
-# the storage layer decodes without complaint.
+# Manifests: the size of every file of a finished step and checksums of its array values. Orbax's atomic
+# rename guarantees a step was complete when written; the manifest catches what happens to it afterwards: a
+# truncated copy, a lost file, or garbage inside a data file, which the storage layer may decode without
+# complaint. Checksums are order-free uint32 sums computed on device, so any mesh and any number of processes
+# gets the same numbers; they are dispatched at save (no wait) and fetched once the step is committed.
 
 
 def _name(path) -> str:
@@ -124,21 +93,66 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 _checksums_jit = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
 
 
-def checksums(tree: Any) -> dict[str, list]:
-  """Flat name -> [dtype, sum, weighted sum] of every array leaf of `tree`."""
+def start_checksums(tree: Any) -> list[tuple[str, str, jax.Array]]:
+  """Dispatches the checksums of every array leaf: [(flat name, dtype, device uint32 [2])]."""
   named = [(_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "dtype")]
   sums = _checksums_jit([x for _, x in named])
-  return {n: [str(x.dtype), *(int(v) for v in np.asarray(c.addressable_data(0)))]
-          for (n, x), c in zip(named, sums, strict=False)}
+  return [(n, str(x.dtype), c) for (n, x), c in zip(named, sums, strict=True)]
 
 
-def verify_checksums(step: int, tree: Any, saved: Mapping[str, list], *, prefix: str = "") -> None:
+def fetch_checksums(started: list[tuple[str, str, jax.Array]]) -> dict[str, list]:
+  """Flat name -> [dtype, sum, weighted sum] (the result is replicated: any process's copy will do)."""
+  return {n: [dtype, *(int(v) for v in np.asarray(c.addressable_data(0)))] for n, dtype, c in started}
+
+
+def checksums(tree: Any) -> dict[str, list]:
+  return fetch_checksums(start_checksums(tree))
+
+
+def write_manifest(step_dir: str | os.PathLike, sums: Mapping[str, list] | None = None) -> None:
+  step_dir = pathlib.Path(step_dir)
+  files = {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
+           if p.is_file() and not p.name.startswith(MANIFEST)}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps({"files": files, "checksums": dict(sums or {})}, indent=0))
+  tmp.rename(step_dir / MANIFEST)
+
+
+def read_manifest(step_dir: str | os.PathLike) -> dict | None:
+  """The manifest of a step, or None when the process stopped between the commit and writing it."""
+  path = pathlib.Path(step_dir, MANIFEST)
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise CorruptCheckpointError(f"checkpoint step {pathlib.Path(step_dir).name}: unreadable {path}: "
+                                 f"{e}") from e
+
+
+def verify_step(step_dir: str | os.PathLike) -> None:
+  """Raises CorruptCheckpointError naming the step and the first missing or resized file."""
+  step_dir = pathlib.Path(step_dir)
+  manifest = read_manifest(step_dir)
+  for name, size in (manifest or {}).get("files", {}).items():
+    path = step_dir / name
+    if not path.is_file():
+      raise CorruptCheckpointError(f"checkpoint step {step_dir.name}: missing file {path}")
+    if path.stat().st_size != size:
+      raise CorruptCheckpointError(f"checkpoint step {step_dir.name}: {path} has {path.stat().st_size} "
+                                   f"bytes, the manifest says {size} (truncated or overwritten)")
+
+
+def verify_checksums(step_dir: str | os.PathLike, tree: Any) -> None:
   """Raises CorruptCheckpointError naming the step and the first array whose values changed."""
+  saved = (read_manifest(step_dir) or {}).get("checksums", {})
+  if not saved:
+    return
   for name, got in checksums(tree).items():
-    want = saved.get(prefix + name)
+    want = saved.get(name)
     if want is not None and want[0] == got[0] and list(want) != got:
-      raise CorruptCheckpointError(f"checkpoint step {step}: array {prefix + name} does not match its saved "
-                                   f"checksum (corrupt data)")
+      raise CorruptCheckpointError(f"checkpoint step {pathlib.Path(step_dir).name}: array {name} does not "
+                                   f"match its saved checksum (corrupt data)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class Checkpointer:
         max_to_keep=keep or None, keep_period=keep_every or None, enable_async_checkpointing=async_save,
         create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
-    self._unlisted: list[int] = []  # steps saved by this process whose manifest is not written yet
+    self._unlisted: list[tuple[int, list]] = []  # (step, started checksums) without a manifest yet
     self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
 
   @classmethod
@@ -179,15 +193,15 @@ class Checkpointer:
     # Orbax waits for the previous save here anyway; doing it first lets us list that step's files.
     self.manager.wait_until_finished()
     self._write_manifests()
-    meta = dict(meta or {}, step=int(step), checksums=checksums(state))
-    args = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+    sums = start_checksums(state)  # on device, before the next step can donate these buffers
+    args = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))),
                 config=ocp.args.JsonSave(dict(config or {})))
     if self.with_data and data_iter is not None:
       import grain  # noqa: PLC0415  (the trainer runs without Grain when fed batches)
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
     if saved:
-      self._unlisted.append(int(step))
+      self._unlisted.append((int(step), sums))
     if self._fault == ("stop_in_save", step):
       _stop_self(f"step {step} save in flight")
     if self._fault == ("stop_after_save", step):
@@ -235,9 +249,8 @@ class Checkpointer:
         logging.warning("checkpoint step %d: data iterator state was saved as %s, this run has %d "
                         "process(es); the input pipeline starts from its beginning", step, saved or "none", n)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    meta = dict(out["meta"])
-    verify_checksums(step, out["state"], meta.pop("checksums", {}))
-    return out["state"], meta
+    verify_checksums(step_dir, out["state"])
+    return out["state"], dict(out["meta"])
 
   def _quarantine(self, step: int) -> None:
     """Moves a corrupt step aside (kept for inspection), so a later save of the same step number works."""
@@ -254,10 +267,10 @@ class Checkpointer:
 
   def _write_manifests(self) -> None:
     if _is_primary():
-      for step in self._unlisted:
+      for step, sums in self._unlisted:
         step_dir = os.path.join(self.directory, str(step))
         if os.path.isdir(step_dir):  # absent when the keep policy already deleted it
-          write_manifest(step_dir)
+          write_manifest(step_dir, fetch_checksums(sums))
     self._unlisted = []
 
   def wait(self) -> None:
@@ -388,15 +401,15 @@ def read_params(step_dir: str | os.PathLike, target: Mapping[str, jax.ShapeDtype
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   out = ckptr.restore(epath.Path(step_dir) / "state",
                       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  meta = read_json_item(step_dir, "meta")
-  verify_checksums(meta.get("step", -1), out, meta.get("checksums", {}))
+  verify_checksums(step_dir, out)
   flat = _flat(out[collection])
-  return {n: x if x.dtype == target[n].dtype else _cast(x, target[n].dtype) for n, x in flat.items()}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cast(x: jax.Array, dtype) -> jax.Array:
-  return x.astype(dtype)
+  recast = sorted(n for n, x in flat.items() if x.dtype != target[n].dtype)
+  if recast:  # one program for all of them (a jit per shape would compile dozens)
+    dtypes = [target[n].dtype for n in recast]
+    cast_all = jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dtypes, strict=True)])
+    cast = cast_all([flat[n] for n in recast])
+    flat.update(zip(recast, cast, strict=True))
+  return flat
 
 
 def restore_params(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None, *,
