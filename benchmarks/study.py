@@ -52,12 +52,21 @@ def variant_config(name: str, steps: int, data_dir: str):
   return c
 
 
+def step_flops(c) -> float:
+  """Training FLOPs of one step on a real batch of the variant's data (padding costs nothing)."""
+  from tuna2_jax import flops  # noqa: PLC0415
+  from tuna2_jax.input import pipeline  # noqa: PLC0415
+  from tuna2_jax.model.config import ModelConfig  # noqa: PLC0415
+
+  batch = next(pipeline.make_train_iterator(c))
+  return float(flops.train_flops(ModelConfig.from_dict(c.model.to_dict()), batch))
+
+
 def run_variant(name: str, *, steps: int, evals: int, data_dir: str, workdir: str, num_eval: int,
                 gen_num: int) -> dict:
   """Trains one variant (checkpoint every steps/evals), scores each checkpoint; the variant's record."""
-  from tuna2_jax import evaluate, flops, train  # noqa: PLC0415
+  from tuna2_jax import evaluate, train  # noqa: PLC0415
   from tuna2_jax.input import pipeline, tokenizer  # noqa: PLC0415
-  from tuna2_jax.model.config import ModelConfig  # noqa: PLC0415
 
   c = variant_config(name, steps, data_dir)
   c.checkpoint.every = max(1, steps // evals)
@@ -79,9 +88,7 @@ def run_variant(name: str, *, steps: int, evals: int, data_dir: str, workdir: st
     print(f"[study] {name} step {step}: " + " ".join(f"{k}={v.accuracy:.2f}" for k, v in per_kind.items()),
           flush=True)
   result, _ = evaluate.evaluate(c, params, cfg, step=steps, examples=examples, gen_num=gen_num, recon_num=4)
-  batch = train.dummy_batch(c, c.data.global_batch_size)
-  step_flops = flops.train_flops(ModelConfig.from_dict(c.model.to_dict()), batch)
-  return dict(name=name, what=VARIANTS[name][0], train_seconds=train_s, flops_per_step=float(step_flops),
+  return dict(name=name, what=VARIANTS[name][0], train_seconds=train_s, flops_per_step=step_flops(c),
               loss=curve, accuracy=accuracy, chance=chance,
               final=dict(understanding={k: v.accuracy for k, v in result.understanding.items()},
                          caption_perplexity=result.caption_perplexity, generation=result.generation,
@@ -183,6 +190,7 @@ def main() -> None:
   parser.add_argument("--num_train", type=int, default=4000)
   parser.add_argument("--num_eval", type=int, default=48, help="held-out scenes for accuracy")
   parser.add_argument("--gen_num", type=int, default=16)
+  parser.add_argument("--reuse", action="store_true", help="keep variants an earlier run of the tag finished")
   args = parser.parse_args()
   from absl import flags  # noqa: PLC0415
 
@@ -194,9 +202,17 @@ def main() -> None:
   records, t0 = [], time.time()
   for name in args.variants.split(","):
     wd = os.path.join(args.workdir, f"{args.tag}_{name}")
+    done = os.path.join(wd, "record.json")
+    if args.reuse and os.path.exists(done):  # a finished variant of an interrupted study
+      records.append(json.load(open(done)))
+      if not records[-1]["flops_per_step"]:  # recorded by an earlier version that counted padding rows
+        records[-1]["flops_per_step"] = step_flops(variant_config(name, args.steps, data_dir))
+      continue
     shutil.rmtree(wd, ignore_errors=True)
     records.append(run_variant(name, steps=args.steps, evals=args.evals, data_dir=data_dir, workdir=wd,
                                num_eval=args.num_eval, gen_num=args.gen_num))
+    with open(done, "w") as f:
+      json.dump(records[-1], f)
   import jax  # noqa: PLC0415
 
   c = variant_config("tuna2_p8", args.steps, data_dir)
