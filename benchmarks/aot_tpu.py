@@ -202,14 +202,17 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--cases: unknown {unknown}; known {sorted(CASES)}")
   out = ROOT / FLAGS.out
-  previous = {} if FLAGS.fresh or not out.exists() else json.loads(out.read_text())
-  results = {r["case"]: r for r in previous.get("results", [])}
+  if FLAGS.fresh and out.exists():
+    out.unlink()
   import libtpu  # noqa: PLC0415  (only for its version)
   for name in names:
     load_before = os.getloadavg()
     row = run_case(name, CASES[name])
     row.update(loadavg_before=load_before, loadavg_after=os.getloadavg(),
                run_at=time.strftime("%Y-%m-%d %H:%M"))
+    # Re-read before writing: cases run by other invocations (in parallel, or earlier) are kept.
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    results = {r["case"]: r for r in previous.get("results", [])}
     results[name] = row
     print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=float), flush=True)
     # Written after every case: a long compile that is cut short keeps the cases before it.
