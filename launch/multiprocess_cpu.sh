@@ -33,6 +33,9 @@ record_launch multiprocess_cpu "${workdir}" "${invocation}" --config="${config}"
 
 # Where this launch starts in process 0's log (the terminal shows only this launch's part).
 start_bytes="$(stat -c %s "${logs}/process_0.log" 2>/dev/null || echo 0)"
+# Gloo gives the first collective 30 s to find its peers. A persistent compile cache lets one process skip the
+# compile the others still do; on a busy machine that skew passes 30 s and the run fails: no cache here.
+unset JAX_COMPILATION_CACHE_DIR
 pids=()
 stop_all() {
   local pid
