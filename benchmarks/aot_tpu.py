@@ -12,10 +12,10 @@ model, bf16 compute, remat, AdamW state) through XLA:TPU and Mosaic. Per case it
     (RESOURCE_EXHAUSTED at compile time) the case is "does not fit" with the compiler's numbers;
   - compile time on this host: wall seconds (a shared 2-core CPU: indicative only) and CPU seconds;
   - compiled FLOPs per device (`cost_analysis()["flops"]`) next to flops.train_flops / device count, on
-    full text rows (one causal document per row). The Mosaic attention kernel is a custom call whose FLOPs
-    XLA does not see, and full remat recomputes the forward pass (not counted by the MFU formula), so the
-    comparable figure is the formula without attention x 4/3 (fwd + recomputed fwd + 2 x bwd); both are
-    given.
+    full text rows (one causal document per row). XLA counts a scanned layer stack's loop body once, does
+    not see into the Mosaic attention kernel, and sees full remat's recomputed forward, so the compiled
+    count is also compared with `scan_once` (add_formula): the formula's matmuls outside the layers plus
+    one decoder and one flow-head layer x 4/3.
 Each case states its mesh (data, fsdp, tensor, sequence): FSDP over the chips, tensor = 2 where every head
 count divides (train.validate_config: 0.5B's flow head has 7 kv heads, so it runs tensor = 1), and the
 global batch (one row of the preset's seq_len per FSDP shard).
@@ -103,15 +103,41 @@ def case_config(case: Case):
 
 
 def formula_flops(c) -> dict[str, float]:
-  """flops.train_flops on full text rows (one causal document per row), and without attention."""
+  """flops.train_flops on full text rows (one causal document per row): the total, without attention, and
+  what XLA's cost analysis can see of it (`scan_once`, see add_formula)."""
   cfg = ModelConfig.from_dict(c.model.to_dict())
   rows, length = c.data.global_batch_size, c.data.seq_len
   batch = sequence.text_batch(np.zeros((rows, length), np.int32), cfg.patch_size)
   total = flops.train_flops(cfg, batch)
   pairs = flops.allowed_pairs(batch["segment_ids"], batch["attn_end"], batch["positions"])
-  attn = 3.0 * 4 * pairs * (cfg.num_layers * cfg.num_heads * cfg.head_dim
-                            + cfg.flow_layers * cfg.flow_heads * cfg.flow_head_dim)
-  return dict(total=total, matmul=total - attn, attention=attn)
+  widths = np.array([cfg.num_heads * cfg.head_dim, cfg.flow_heads * cfg.flow_head_dim], np.float64)
+  attn_per_layer = 3.0 * 4 * pairs * widths
+  attn = float(attn_per_layer @ np.array([cfg.num_layers, cfg.flow_layers]))
+  # Matmuls outside the layer stacks, and of one decoder + one flow-head layer (no validation needed: the
+  # formula is arithmetic on the fields).
+  outside = flops.train_flops(dataclasses.replace(cfg, num_layers=0, flow_layers=0), batch)
+  one_each = flops.train_flops(dataclasses.replace(cfg, num_layers=1, flow_layers=1), batch) - outside
+  one_each -= float(attn_per_layer.sum())
+  remat = 4 / 3 if cfg.remat == "full" else 1.0
+  return dict(total=total, matmul=total - attn, attention=attn, scan_once=outside + remat * one_each)
+
+
+def add_formula(row: dict, c) -> None:
+  """Formula FLOPs per device next to the compiled ones.
+
+  The layers are `nn.scan`ned (model.scan_layers), and XLA's cost analysis counts a while loop's body once,
+  not once per iteration; the Mosaic attention kernel is a custom call it does not count; full remat adds a
+  recomputed forward of each layer (x 4/3 on the layers). So the compiled count is compared with
+  `scan_once`: the matmuls outside the layer stacks + one decoder and one flow-head layer's matmuls x 4/3.
+  """
+  form, n = formula_flops(c), row["chips"]
+  row.update(formula_flops_per_device=form["total"] / n, formula_matmul_flops_per_device=form["matmul"] / n,
+             formula_scan_once_flops_per_device=form["scan_once"] / n)
+  if row.get("compiled_flops_per_device"):
+    row["compiled_over_formula"] = row["compiled_flops_per_device"] / row["formula_flops_per_device"]
+    row["compiled_over_formula_scan_once"] = (row["compiled_flops_per_device"]
+                                              / row["formula_scan_once_flops_per_device"])
+    row.pop("compiled_over_formula_matmul_x4_3", None)
 
 
 def parse_oom(message: str) -> dict:
@@ -135,9 +161,6 @@ def run_case(name: str, case: Case) -> dict:
                    global_batch=c.data.global_batch_size, seq_len=c.data.seq_len, attention=c.model.attention,
                    dtype=c.model.dtype, remat=c.model.remat, grad_accum=c.optim.grad_accum,
                    ema=c.optim.ema_decay > 0, hbm_gib=HBM_GIB.get(chip), note=case.note)
-  form = formula_flops(c)
-  n = len(devices)
-  row.update(formula_flops_per_device=form["total"] / n, formula_matmul_flops_per_device=form["matmul"] / n)
   t0, cpu0 = time.perf_counter(), time.process_time()
   try:
     compiled = train.compile_train_step(c, sharding.make_mesh(c.mesh.shape.to_dict(), devices))
@@ -149,6 +172,7 @@ def run_case(name: str, case: Case) -> dict:
     else:
       row.update(fits=None, error=f"{type(e).__name__}: {msg[:600]}",
                  traceback=traceback.format_exc().splitlines()[-6:])
+    add_formula(row, c)
     return row
   # Wall time depends on the load of the shared host; CPU seconds (all threads) much less so.
   row.update(compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - cpu0)
@@ -161,16 +185,14 @@ def run_case(name: str, case: Case) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   row["compiled_flops_per_device"] = float(cost.get("flops", float("nan")))
-  row["compiled_over_formula"] = row["compiled_flops_per_device"] / row["formula_flops_per_device"]
-  row["compiled_over_formula_matmul_x4_3"] = row["compiled_flops_per_device"] / (
-      row["formula_matmul_flops_per_device"] * (4 / 3 if c.model.remat == "full" else 1))
   row["uses_mosaic_kernel"] = "tpu_custom_call" in compiled.as_text()
+  add_formula(row, c)
   return row
 
 
 def table(rows: list[dict]) -> str:
   lines = ["| case | chips (mesh d/f/t/s) | batch x L | attn | per-device GiB | HBM | fits | "
-           "compile s (CPU s) | compiled TFLOP/dev | formula TFLOP/dev | compiled / (formula matmul x 4/3) |",
+           "compile s (CPU s) | compiled TFLOP/dev | formula TFLOP/dev | compiled / formula scan-once |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     m = r["mesh"]
@@ -183,7 +205,7 @@ def table(rows: list[dict]) -> str:
       mem = "error" if "error" in r else "?"
     fits = {True: "yes", False: "no", None: "?"}[r.get("fits")]
     comp = f"{r['compiled_flops_per_device'] / 1e12:.1f}" if "compiled_flops_per_device" in r else "-"
-    ratio = f"{r['compiled_over_formula_matmul_x4_3']:.2f}" if "compiled_flops_per_device" in r else "-"
+    ratio = f"{r['compiled_over_formula_scan_once']:.2f}" if "compiled_flops_per_device" in r else "-"
     compile_s = f"{r['compile_s']:.0f} ({r.get('compile_cpu_s', float('nan')):.0f})"
     lines.append(f"| {r['case']} | {mesh} | {r['global_batch']}x{r['seq_len']} | {r['attention']} | {mem} | "
                  f"{r['hbm_gib']} | {fits} | {compile_s} | {comp} | "
@@ -214,6 +236,8 @@ def main(argv):
     previous = json.loads(out.read_text()) if out.exists() else {}
     results = {r["case"]: r for r in previous.get("results", [])}
     results[name] = row
+    for key, r in results.items():  # rows of earlier versions of this file get the current formula fields
+      add_formula(r, case_config(CASES[key]))
     print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=float), flush=True)
     # Written after every case: a long compile that is cut short keeps the cases before it.
     result = dict(
@@ -227,7 +251,10 @@ def main(argv):
                          "(RESOURCE_EXHAUSTED, its numbers under oom)",
                     formula="flops.train_flops on full text rows (one causal document per row) / chips",
                     compiled="cost_analysis()['flops'] of the per-device program: includes remat "
-                             "recomputation, excludes the Mosaic attention kernel (custom call)",
+                             "recomputation, excludes the Mosaic attention kernel (custom call), counts "
+                             "each scanned layer stack's loop body once",
+                    scan_once="formula matmuls outside the layer stacks + one decoder and one flow-head "
+                              "layer x 4/3 (full remat): what the compiled count can be compared with",
                     hbm_gib=HBM_GIB),
         cases_run=sorted(results), cases_not_run=sorted(set(CASES) - set(results)),
         results=[results[k] for k in CASES if k in results])
