@@ -3,6 +3,7 @@
   python -m benchmarks.aot_tpu                                   # the default cases -> results/aot_tpu.json
   python -m benchmarks.aot_tpu --cases=0p5b-v5e16,7b-v5p64       # a subset (results merge into the JSON)
   python -m benchmarks.aot_tpu --list                            # the cases and their meshes
+  python -m benchmarks.aot_tpu --cases= --merge=other.json       # merge another run's cases, no compile
 
 Needs libtpu (requirements-tpu.txt): `jax.experimental.topologies.get_topology_desc` gives abstract TPU
 devices, and `train.compile_train_step` compiles the real train step (production mesh rules, the preset's
@@ -86,6 +87,7 @@ flags.DEFINE_string("cases", DEFAULT_CASES, f"comma-separated names of {sorted(C
 flags.DEFINE_string("attention", "", "override every case's attention backend (pallas | chunked)")
 flags.DEFINE_bool("list", False, "print the cases and exit")
 flags.DEFINE_bool("fresh", False, "start a new JSON instead of merging into the existing one")
+flags.DEFINE_string("merge", "", "JSON files of other runs (e.g. other hosts) whose cases merge into --out")
 flags.DEFINE_string("out", "benchmarks/results/aot_tpu.json", "JSON result file (cases merge into it)")
 FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -213,53 +215,60 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def write_results(out: pathlib.Path, rows: list[dict]) -> dict[str, dict]:
+  """Merges `rows` into the JSON at `out` (re-read first: cases of other invocations, in parallel or
+  earlier, are kept) and rewrites it; returns all rows by case name."""
+  import libtpu  # noqa: PLC0415  (only for its version)
+  previous = json.loads(out.read_text()) if out.exists() else {}
+  results = {r["case"]: r for r in previous.get("results", [])}
+  results.update({r["case"]: r for r in rows})
+  for key, r in results.items():  # rows of earlier versions of this file get the current formula fields
+    add_formula(r, case_config(CASES[key]))
+  result = dict(
+      benchmark="AOT train-step compile for abstract TPU topologies: per-device memory, fit, FLOPs",
+      machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
+                   note="compile times are on a shared 2-core CPU host; loadavg per case"),
+      versions=dict(python=platform.python_version(), jax=jax.__version__,
+                    libtpu=getattr(libtpu, "__version__", "?")),
+      method=dict(memory="memory_analysis(): argument + temp + output - alias bytes per device",
+                  fits="per-device bytes <= the chip's HBM; 'no' also when XLA:TPU refuses the program "
+                       "(RESOURCE_EXHAUSTED, its numbers under oom)",
+                  formula="flops.train_flops on full text rows (one causal document per row) / chips",
+                  compiled="cost_analysis()['flops'] of the per-device program: includes remat "
+                           "recomputation, excludes the Mosaic attention kernel (custom call), counts "
+                           "each scanned layer stack's loop body once",
+                  scan_once="formula matmuls outside the layer stacks + one decoder and one flow-head "
+                            "layer x 4/3 (full remat): what the compiled count can be compared with",
+                  hbm_gib=HBM_GIB),
+      cases_run=sorted(results), cases_not_run=sorted(set(CASES) - set(results)),
+      results=[results[k] for k in CASES if k in results])
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+  return results
+
+
 def main(argv):
   del argv
   if FLAGS.list:
     for name, case in CASES.items():
       print(f"{name:16} {case}")
     return
-  names = list(CASES) if FLAGS.cases == "all" else FLAGS.cases.split(",")
+  names = list(CASES) if FLAGS.cases == "all" else [n for n in FLAGS.cases.split(",") if n]
   unknown = [n for n in names if n not in CASES]
   if unknown:
     raise app.UsageError(f"--cases: unknown {unknown}; known {sorted(CASES)}")
   out = ROOT / FLAGS.out
   if FLAGS.fresh and out.exists():
     out.unlink()
-  import libtpu  # noqa: PLC0415  (only for its version)
+  results = write_results(out, [r for f in filter(None, FLAGS.merge.split(","))
+                                for r in json.loads(pathlib.Path(f).read_text())["results"]])
   for name in names:
     load_before = os.getloadavg()
     row = run_case(name, CASES[name])
     row.update(loadavg_before=load_before, loadavg_after=os.getloadavg(),
                run_at=time.strftime("%Y-%m-%d %H:%M"))
-    # Re-read before writing: cases run by other invocations (in parallel, or earlier) are kept.
-    previous = json.loads(out.read_text()) if out.exists() else {}
-    results = {r["case"]: r for r in previous.get("results", [])}
-    results[name] = row
-    for key, r in results.items():  # rows of earlier versions of this file get the current formula fields
-      add_formula(r, case_config(CASES[key]))
     print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=float), flush=True)
-    # Written after every case: a long compile that is cut short keeps the cases before it.
-    result = dict(
-        benchmark="AOT train-step compile for abstract TPU topologies: per-device memory, fit, FLOPs",
-        machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
-                     note="compile times are on a shared 2-core CPU host; loadavg per case"),
-        versions=dict(python=platform.python_version(), jax=jax.__version__,
-                      libtpu=getattr(libtpu, "__version__", "?")),
-        method=dict(memory="memory_analysis(): argument + temp + output - alias bytes per device",
-                    fits="per-device bytes <= the chip's HBM; 'no' also when XLA:TPU refuses the program "
-                         "(RESOURCE_EXHAUSTED, its numbers under oom)",
-                    formula="flops.train_flops on full text rows (one causal document per row) / chips",
-                    compiled="cost_analysis()['flops'] of the per-device program: includes remat "
-                             "recomputation, excludes the Mosaic attention kernel (custom call), counts "
-                             "each scanned layer stack's loop body once",
-                    scan_once="formula matmuls outside the layer stacks + one decoder and one flow-head "
-                              "layer x 4/3 (full remat): what the compiled count can be compared with",
-                    hbm_gib=HBM_GIB),
-        cases_run=sorted(results), cases_not_run=sorted(set(CASES) - set(results)),
-        results=[results[k] for k in CASES if k in results])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    results = write_results(out, [row])  # after every case: a compile cut short keeps the cases before it
   print(table([results[k] for k in CASES if k in results]))
   print(f"wrote {out}")
 
