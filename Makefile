@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check tuna2_jax configs data launch tests benchmarks
+	$(VENV)/bin/shellcheck -x launch/*.sh launch/slurm_gpu.sbatch
 
 # Golden fixtures: random-weight HF transformers models and their outputs (needs torch; own venv).
 $(PARITY_VENV)/.installed: requirements-parity.txt

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import os
 import signal
@@ -265,14 +266,19 @@ def _preemption_service_running() -> bool:
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-  """Explicit coordinator flags (local multi-process runs) or auto-detection (TPU VM, GKE, SLURM)."""
-  if coordinator:
+  """Explicit coordinator flags or JAX_* variables (local multi-process runs, GKE GPU pods), else
+  auto-detection (TPU VMs, also when reached over ssh without TPU_* variables; SLURM)."""
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  if coordinator and num_processes:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
-  elif any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS",
-                                     "MEGASCALE_COORDINATOR_ADDRESS")):
-    if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-      jax.distributed.initialize()
+    return
+  on_tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  cluster = any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if (on_tpu_vm or cluster) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    jax.distributed.initialize()
 
 
 def step_throughput(model_cfg: ModelConfig, batch: Mapping[str, np.ndarray], seconds: float,
