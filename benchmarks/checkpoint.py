@@ -4,8 +4,9 @@ bandwidth, for the tiny and the 0.5B-shaped model on CPU.
   python -m benchmarks.checkpoint [--sizes=tiny,0p5b] [--out=benchmarks/results/checkpoint_cpu.json]
 
 The state is random values in the model's parameter shapes (values do not matter to the I/O): for tiny the
-whole AdamW train state (params + two moments); for 0p5b the parameters only (0.74B float32 = 3 GB; the full
-state would be 9 GB, more than a shared 24 GB machine should hold twice). "blocked" is what `save()` costs
+whole AdamW train state (params + two moments, float32); for 0p5b the parameters only, in --large_dtype
+(0.74B x bfloat16 = 1.5 GB: a float32 copy peaked at 11 GB resident during the save and was OOM-killed on the
+shared 24 GB machine; the full float32 train state would be 9 GB). "blocked" is what `save()` costs
 the loop (checksums + device-to-host copy, plus waiting for the previous save, none here); "commit" is until
 the step is final on disk. Bandwidths are logical bytes over those times. The first save (compiles the
 checksum) is not timed.
@@ -31,6 +32,7 @@ from tuna2_jax.model.config import ModelConfig
 
 flags.DEFINE_string("sizes", "tiny,0p5b", "model sizes of configs/common.MODEL_SIZES")
 flags.DEFINE_integer("repeats", 3, "timed saves per setting (one fewer for states over 1 GB)")
+flags.DEFINE_string("large_dtype", "bfloat16", "dtype of the parameters of sizes other than debug / tiny")
 flags.DEFINE_string("dir", "", "where checkpoints are written (default: a temporary directory)")
 flags.DEFINE_string("out", "benchmarks/results/checkpoint_cpu.json", "JSON result file")
 FLAGS = flags.FLAGS
@@ -42,18 +44,21 @@ def make_state(size: str) -> tuple[dict, ModelConfig, str]:
   rng = np.random.default_rng(0)
   shapes = hf_qwen2.expected_shapes(cfg)
 
+  small = size in ("debug", "tiny")
+  dtype = np.float32 if small else jax.numpy.dtype(FLAGS.large_dtype)
+
   def random_tree():
-    return hf_qwen2.unflatten({n: jax.device_put(rng.random(s.shape, dtype=np.float32))
+    return hf_qwen2.unflatten({n: jax.device_put(rng.random(s.shape, dtype=np.float32).astype(dtype))
                                for n, s in shapes.items()})
 
   params = random_tree()
-  if size in ("debug", "tiny"):
+  if small:
     state = {"step": jax.device_put(np.int32(100)), "params": params,
              "opt_state": {"mu": random_tree(), "nu": random_tree()}}
     what = "params + AdamW moments (float32)"
   else:
     state = {"step": jax.device_put(np.int32(100)), "params": params}
-    what = "params only (float32)"
+    what = f"params only ({FLAGS.large_dtype})"
   return state, model, what
 
 
@@ -104,7 +109,7 @@ def measure(size: str, root: str, repeats: int) -> dict:
   ckpt.close()
   out["restore_s"] = min(restore)
   out["restore_MBps"] = nbytes / 1e6 / out["restore_s"]
-  params_bytes = sum(x.size * 4 for x in jax.tree.leaves(abstract["params"]))
+  params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["params"]))
   t = time.perf_counter()
   _, params = checkpoint.restore_params(workdir)
   jax.block_until_ready(params)
