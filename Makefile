@@ -4,11 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PARITY_VENV ?= .venv-parity
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
+STUDY_ARGS ?=
 PYTEST_ARGS ?=
 # Candidates for Python >= 3.12, first match wins (python3 may be 3.11, which JAX 0.11 no longer supports).
 PY_CANDIDATES := python3.13 python3.12 $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python) python3
 
-.PHONY: demo test bench lint golden parity clean-venv
+.PHONY: demo test bench study lint golden parity clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-tpu.txt pyproject.toml
 	@py=""; for c in $(PY_CANDIDATES); do \
@@ -24,10 +26,14 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m tuna2_jax.demo --workdir=$(DEMO_DIR)
+	$(PY) -m tuna2_jax.demo --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all
+
+# Tuna-2 vs Tuna-R, masking on/off, two patch sizes at equal compute (long: STUDY_ARGS="--steps=3000").
+study: $(VENV)/.installed
+	$(PY) -m benchmarks.study $(STUDY_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check tuna2_jax configs data launch tests benchmarks
