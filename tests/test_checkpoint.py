@@ -68,8 +68,8 @@ def train_run(env, workdir, **kw) -> str:
 
 def start(env, workdir, *, fault="", **kw) -> subprocess.Popen:
   e = dict(env["env"], **({checkpoint.FAULT_ENV: fault} if fault else {}))
-  log = open(pathlib.Path(workdir).with_suffix(".log"), "w")  # noqa: SIM115
-  return subprocess.Popen(trainer_cmd(env, workdir, **kw), cwd=REPO, env=e, stdout=log, stderr=log)
+  with open(pathlib.Path(workdir).with_suffix(".log"), "w") as log:  # the child keeps its own descriptor
+    return subprocess.Popen(trainer_cmd(env, workdir, **kw), cwd=REPO, env=e, stdout=log, stderr=log)
 
 
 def wait_stopped(proc: subprocess.Popen, timeout: float = 240) -> None:
