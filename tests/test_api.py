@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.convert import GOLDEN_DIR, golden, qwen2_fixtures
-from tuna2_jax import api
+from tuna2_jax import api, sample, sequence
 from tuna2_jax.convert import hf_qwen2
+from tuna2_jax.model.config import ModelConfig
+from tuna2_jax.model.tuna2 import Tuna2
 
 ATOL = 1e-4  # float32 logits of O(10)
 
@@ -53,3 +57,20 @@ def test_text_logits_rejects_bad_tokens():
     model.text_logits(np.array([[1, 97]], np.int32))
   with pytest.raises(ValueError, match=r"integer \[B, L\]"):
     model.text_logits(np.array([1, 2], np.int32))
+
+
+def test_generation_methods_delegate_to_the_samplers():
+  """The API object gives what the sample module gives for the same parameters."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                    mlp_dim=64, patch_size=4, flow_layers=1, flow_heads=2, flow_kv_heads=1, flow_head_dim=16,
+                    flow_mlp_dim=64)
+  batch = jax.tree.map(jnp.asarray, sequence.text_batch(np.zeros((1, 8), np.int32), 4))
+  params = Tuna2(cfg).init(jax.random.key(0), batch)["params"]
+  model = api.Pretrained(cfg, params)
+  prompts = [[10, 11, 12]]
+  assert model.generate_text(prompts, max_new_tokens=3) == sample.generate_text(params, cfg, prompts,
+                                                                                 max_new_tokens=3)
+  img = model.generate_image(prompts, height=8, width=4, steps=2, cfg_scale=1.0)
+  np.testing.assert_array_equal(img, sample.generate_image(params, cfg, prompts, height=8, width=4, steps=2,
+                                                           cfg_scale=1.0))
+  assert model.reconstruct(img[0], steps=2).shape == (8, 4, 3)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tuna2_jax import checkpoint, sequence
+from tuna2_jax import checkpoint, sample, sequence
 from tuna2_jax.convert import hf_qwen2
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.tuna2 import Tuna2
@@ -37,6 +37,8 @@ class Pretrained:
   params: Any
   # For a Hugging Face import: which parameters came from the checkpoint and which are fresh.
   report: hf_qwen2.ImportReport | None = None
+  # The tokenizer's structural ids (BOS, EOS, BOI, EOI, image placeholder) the generation methods use.
+  special: sequence.SpecialTokens = sequence.SpecialTokens()
 
   @functools.cached_property
   def _text_logits(self) -> Callable[[Any, dict[str, np.ndarray]], jax.Array]:
@@ -52,6 +54,19 @@ class Pretrained:
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, "
                        f"{tokens.max()}]")
     return self._text_logits(self.params, sequence.text_batch(tokens, self.config.patch_size))
+
+  def generate_text(self, prompt_tokens, **kwargs) -> list[list[int]]:
+    """New token ids per prompt (KV cache; `images=`, `max_new_tokens`, `temperature`, `top_p`, `seed`)."""
+    return sample.generate_text(self.params, self.config, prompt_tokens, special=self.special, **kwargs)
+
+  def generate_image(self, prompt_tokens, *, height: int, width: int, **kwargs) -> np.ndarray:
+    """uint8 [B, H, W, 3] (`steps`, `cfg_scale`, `sampler`, `seed`, `source_image=` for editing)."""
+    return sample.generate_image(self.params, self.config, prompt_tokens, height=height, width=width,
+                                 special=self.special, **kwargs)
+
+  def reconstruct(self, image: np.ndarray, **kwargs) -> np.ndarray:
+    """The image regenerated from itself (for reconstruction PSNR)."""
+    return sample.reconstruct(self.params, self.config, image, special=self.special, **kwargs)
 
 
 def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, seed: int = 0,
