@@ -7,9 +7,9 @@ from tests.helpers import random_batch
 from tuna2_jax import flops, sequence
 from tuna2_jax.model.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=16,
-                  patch_size=2, time_embed_dim=4, flow_layers=1, flow_heads=2, flow_kv_heads=1, flow_head_dim=4,
-                  flow_mlp_dim=16)
+CFG = ModelConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                  mlp_dim=16, patch_size=2, time_embed_dim=4, flow_layers=1, flow_heads=2, flow_kv_heads=1,
+                  flow_head_dim=4, flow_mlp_dim=16)
 
 
 def test_flops_match_a_hand_count():

@@ -143,7 +143,8 @@ def test_text_loss_targets_trained_text_in_same_document():
     ([[]], "empty document"),
     ([[S.Image(np.zeros((6, 8, 3), np.uint8))]], "not a positive multiple of the patch size 4"),
     ([[S.Image(np.zeros((4, 4, 3), np.float32))]], "must be uint8"),
-    ([[S.Image(np.zeros((4, 4, 3), np.uint8), "generate"), S.Text([1])]], "generation target must be the last"),
+    ([[S.Image(np.zeros((4, 4, 3), np.uint8), "generate"), S.Text([1])]],
+     "generation target must be the last"),
     ([[S.Text(np.arange(30))]], "do not fit"),
     ([[S.Text([])]], "empty text part"),
 ])

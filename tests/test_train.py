@@ -88,7 +88,7 @@ def test_ema_follows_the_warmed_up_decay():
   ema = states[0].params
   for t, state in enumerate(states[1:]):
     decay = min(0.5, (1 + t) / (10 + t))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, state.params)
+    ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, state.params)
     for want, got in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema_params)):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 

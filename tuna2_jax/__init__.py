@@ -10,5 +10,5 @@ from tuna2_jax.model.config import ConfigError, ModelConfig
 from tuna2_jax.model.tuna2 import Tuna2, Tuna2Output
 from tuna2_jax.sequence import Image, SpecialTokens, Text, pack_documents
 
-__all__ = ["ConfigError", "Image", "ModelConfig", "Pretrained", "SpecialTokens", "Text", "Tuna2", "Tuna2Output",
-           "from_pretrained", "pack_documents"]
+__all__ = ["ConfigError", "Image", "ModelConfig", "Pretrained", "SpecialTokens", "Text", "Tuna2",
+           "Tuna2Output", "from_pretrained", "pack_documents"]

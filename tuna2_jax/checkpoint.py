@@ -37,6 +37,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from tuna2_jax.convert import hf_qwen2
 from tuna2_jax.model.config import ModelConfig
 
 MANIFEST = "tuna2_files.json"
@@ -362,34 +363,13 @@ def read_config(step_dir: str | os.PathLike) -> dict:
   return read_json_item(step_dir, "config")
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for name, x in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return tree
-
-
 def saved_params_shapes(step_dir: str | os.PathLike, *, collection: str = "params") -> dict[str, Any]:
   """Flat name -> saved array metadata (shape, dtype) of one collection of the saved TrainState."""
   tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
   if collection not in tree or not tree[collection]:
     raise ValueError(f"{step_dir}: the saved train state has no {collection}"
                      + (" (the run had optim.ema_decay = 0)" if collection == "ema_params" else ""))
-  return _flat(tree[collection])
+  return hf_qwen2.flatten(tree[collection])
 
 
 def read_params(step_dir: str | os.PathLike, target: Mapping[str, jax.ShapeDtypeStruct], *,
@@ -400,14 +380,14 @@ def read_params(step_dir: str | os.PathLike, target: Mapping[str, jax.ShapeDtype
   saved = saved_params_shapes(step_dir, collection=collection)
   as_saved = {n: jax.ShapeDtypeStruct(t.shape, saved[n].dtype, sharding=t.sharding)
               for n, t in target.items()}
-  item = {collection: _nest(as_saved)}
+  item = {collection: hf_qwen2.unflatten(as_saved)}
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype, global_shape=s.shape), item)
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   out = ckptr.restore(epath.Path(step_dir) / "state",
                       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
   verify_checksums(step_dir, out)
-  flat = _flat(out[collection])
+  flat = hf_qwen2.flatten(out[collection])
   recast = sorted(n for n, x in flat.items() if x.dtype != target[n].dtype)
   if recast:  # one program for all of them (a jit per shape would compile dozens)
     dtypes = [target[n].dtype for n in recast]
@@ -436,7 +416,7 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None, dtype: s
             for n, m in saved_params_shapes(step_dir, collection=collection).items()}
   params = read_params(step_dir, target, collection=collection)
   logging.info("read %s of step %d from %s (%d arrays)", collection, step, step_dir, len(params))
-  return model_cfg, _nest(params)
+  return model_cfg, hf_qwen2.unflatten(params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +461,6 @@ def _hf_backbone(hf_dir: str, model_cfg: ModelConfig) -> tuple[dict[str, np.ndar
   hf_qwen2.import_hf would also initialise the parameters Qwen2 lacks, which a warm start takes from the run's
   own initialisation instead; so this uses its name and layout table directly.
   """
-  from tuna2_jax.convert import hf_qwen2  # noqa: PLC0415
   fixed = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
            if f.name not in hf_qwen2._HF_FIELDS}  # noqa: SLF001  (the fields config.json does not fix)
   hf_cfg = hf_qwen2.config_from_hf(json.loads(pathlib.Path(hf_dir, "config.json").read_text()), **fixed)
@@ -515,7 +494,7 @@ def warm_start_params(init_from: str, params_abstract: Mapping, model_cfg: Model
                       ) -> tuple[dict[str, jax.Array], WarmStartReport]:
   """Flat name -> array for the parameters `init_from` provides, laid out like `params_abstract` (a
   ShapeDtypeStruct tree with shardings). A shape mismatch is an error naming the tensor."""
-  want = _flat(params_abstract)
+  want = hf_qwen2.flatten(params_abstract)
   if is_hf_dir(init_from):
     flat, ignored = _hf_backbone(init_from, model_cfg)
     for n, x in flat.items():
@@ -548,7 +527,7 @@ def warm_start(state: Any, state_shardings: Any, init_from: str, model_cfg: Mode
   from the same values, the optimizer state stays fresh."""
   abstract = abstract_with_shardings(state.params, state_shardings.params)
   loaded, report = warm_start_params(init_from, abstract, model_cfg)
-  params = _nest({n: loaded.get(n, x) for n, x in _flat(state.params).items()})
+  params = hf_qwen2.unflatten({n: loaded.get(n, x) for n, x in hf_qwen2.flatten(state.params).items()})
   ema = state.ema_params
   if jax.tree.leaves(ema):  # a separate copy: params and EMA are donated to the step as different buffers
     ema = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_shardings.ema_params)(params)

@@ -53,7 +53,8 @@ class MetricWriter:
     done = step - self._start_step
     rate = done / max(time.time() - self._start, 1e-9)
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
-    keys = [k for k in ("loss", "text_loss", "flow_loss", "grad_norm", "lr", "tokens_per_s", "mfu") if k in scalars]
+    shown = ("loss", "text_loss", "flow_loss", "grad_norm", "lr", "tokens_per_s", "mfu")
+    keys = [k for k in shown if k in scalars]
     body = " ".join(f"{k}={scalars[k]:.4g}" for k in keys)
     line = f"step {step}/{self.total_steps} {body} eta={_fmt_seconds(eta)}"
     if self.enabled:

@@ -276,7 +276,8 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
                                process_id=process_id)
     return
   on_tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-  cluster = any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+  cluster_vars = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+  cluster = any(v in os.environ for v in cluster_vars)
   if (on_tpu_vm or cluster) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
     jax.distributed.initialize()
 
@@ -310,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config.mesh.shape.to_dict())
   rules = sharding.rules_from_config(config.mesh.rules)
   is_main = jax.process_index() == 0
-  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
 
   # --- data
   data_iter = batches

@@ -90,7 +90,7 @@ class ModelConfig:
   vision_pos_resize: Literal["bilinear", "bicubic"] = "bilinear"
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
