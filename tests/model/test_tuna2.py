@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.helpers import random_batch
 from tuna2_jax import sequence, sharding
@@ -21,31 +22,38 @@ def _batch(seed=0, batch_size=2, seq_len=64):
                                                 vocab=64))
 
 
-def test_a_patch_reaches_exactly_the_positions_the_mask_allows():
-  batch = _batch()
+@pytest.fixture(scope="module")
+def model_and_params():
   model = Tuna2(CFG)
-  params = model.init(jax.random.key(0), batch)
-  hidden = model.apply(params, batch).hidden
+  params = model.init(jax.random.key(0), _batch())
+  hidden = jax.jit(lambda p, b, t=None: model.apply(p, b, t=t).hidden)
+  return model, params, hidden
+
+
+def test_a_patch_reaches_exactly_the_positions_the_mask_allows(model_and_params):
+  _, params, apply = model_and_params
+  batch = _batch()
+  hidden = apply(params, batch)
   patch_pos = np.flatnonzero(np.asarray(batch["modality"][0]) == sequence.PATCH)
   j = int(patch_pos[0])
   poked = dict(batch, patches=batch["patches"].at[0, j].set(255 - batch["patches"][0, j]))
-  changed = np.abs(np.asarray(model.apply(params, poked).hidden - hidden)[0]).max(-1) > 1e-6
+  poked_hidden = apply(params, poked)
+  changed = np.abs(np.asarray(poked_hidden - hidden)[0]).max(-1) > 1e-6
   # Position q changes iff it can reach j through some chain of allowed attention (within 2 layers).
   mask = np.asarray(sequence.dense_mask(batch["segment_ids"], batch["attn_end"]))[0]
   reach = mask[:, j].copy()
   reach |= (mask.astype(int) @ reach.astype(int)) > 0
   reach[j] = True
   np.testing.assert_array_equal(changed, reach)
-  assert (np.asarray(model.apply(params, poked).hidden[1]) == np.asarray(hidden[1])).all()
+  assert (np.asarray(poked_hidden[1]) == np.asarray(hidden[1])).all()
 
 
-def test_time_slot_reads_t():
+def test_time_slot_reads_t(model_and_params):
+  _, params, apply = model_and_params
   batch = _batch()
-  model = Tuna2(CFG)
-  params = model.init(jax.random.key(0), batch)
-  base = model.apply(params, batch).hidden
+  base = apply(params, batch)
   t = jnp.where(batch["modality"] == sequence.TIME, 0.3, 1.0)
-  moved = model.apply(params, batch, t=t).hidden
+  moved = apply(params, batch, t)
   time_rows = np.asarray(batch["modality"]) == sequence.TIME
   assert time_rows.any()
   diff = np.abs(np.asarray(moved - base)).max(-1)
@@ -76,11 +84,10 @@ def test_sharded_forward_equals_single_device():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
-def test_text_batch_logits_are_causal():
+def test_text_batch_logits_are_causal(model_and_params):
+  model, params, _ = model_and_params
+  logits = jax.jit(lambda p, b: model.apply(p, b).logits)
   tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
-  model = Tuna2(CFG)
-  batch = jax.tree.map(jnp.asarray, sequence.text_batch(tokens, 4))
-  params = model.init(jax.random.key(0), batch)
-  full = model.apply(params, batch).logits
+  full = logits(params, jax.tree.map(jnp.asarray, sequence.text_batch(tokens, 4)))
   prefix = jax.tree.map(jnp.asarray, sequence.text_batch(tokens[:, :7], 4))
-  np.testing.assert_allclose(model.apply(params, prefix).logits, full[:, :7], atol=1e-5)
+  np.testing.assert_allclose(logits(params, prefix), full[:, :7], atol=1e-5)
