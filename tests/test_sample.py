@@ -120,3 +120,30 @@ def test_tiny_model_overfits_one_caption_image_pair():
   value = sample.psnr(out, image)
   print(f"overfit: loss {float(loss):.4f}, PSNR {value:.1f} dB, {time.time() - start:.1f} s")
   assert value >= 25.0
+
+
+def test_command_line_writes_what_the_functions_return(tmp_path, capsys):
+  from PIL import Image as PILImage
+
+  from tuna2_jax.convert import hf_qwen2
+  from tuna2_jax.input import tokenizer as tokenizer_lib
+
+  cfg = ModelConfig(**{**CFG.__dict__, "vocab_size": 300})   # room for the byte tokenizer's ids
+  params = _init(cfg)
+  hf_qwen2.save_native(tmp_path / "ckpt", cfg, params)
+  tok = tokenizer_lib.tokenizer_from_name("byte")
+  ids = tok.encode("a red circle")
+  common = dict(height=8, width=12, steps=2, sampler="euler", seed=3, special=tok.special)
+  sample.main(["image", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=a red circle", "--height=8", "--width=12",
+               "--steps=2", "--seed=3", f"--out={tmp_path / 'gen.png'}"])
+  want = sample.generate_image(params, cfg, [ids], cfg_scale=3.0, **common)[0]
+  np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "gen.png")), want)
+  PILImage.fromarray(IMG).save(tmp_path / "src.png")
+  sample.main(["edit", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=make it blue", f"--image={tmp_path / 'src.png'}",
+               "--steps=2", "--seed=3", f"--out={tmp_path / 'edit.png'}"])
+  assert np.asarray(PILImage.open(tmp_path / "edit.png")).shape == IMG.shape
+  sample.main(["text", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=how many?", f"--image={tmp_path / 'src.png'}",
+               "--max_new_tokens=4", f"--out={tmp_path / 'answer.txt'}"])
+  answer = sample.generate_text(params, cfg, [tok.encode("how many?")], images=[[IMG]], max_new_tokens=4,
+                                special=tok.special)[0]
+  assert (tmp_path / "answer.txt").read_text() == tok.decode(answer) + "\n"

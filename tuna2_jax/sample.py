@@ -302,10 +302,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_checkpoint(path: str):
-  """(cfg, params) of a native checkpoint directory (`tuna2_jax.convert.hf_qwen2.save_native`)."""
-  from tuna2_jax.convert import hf_qwen2  # noqa: PLC0415
+  """(cfg, params) of a training workdir, a native export or an HF Qwen2 directory (`from_pretrained`)."""
+  from tuna2_jax import api  # noqa: PLC0415  (api builds on this module)
 
-  return hf_qwen2.load_native(path)
+  model = api.from_pretrained(path)
+  return model.config, model.params
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
 
   parser = argparse.ArgumentParser(prog="python -m tuna2_jax.sample", description=__doc__.split("\n")[0])
   parser.add_argument("mode", choices=("text", "image", "edit"))
-  parser.add_argument("--ckpt", required=True, help="native checkpoint directory (config.json + params)")
+  parser.add_argument("--ckpt", required=True, help="a training workdir, a native export or an HF Qwen2 dir")
   parser.add_argument("--tokenizer", default="byte", help="byte | hf:<path to tokenizer.json>")
   parser.add_argument("--prompt", default="")
   parser.add_argument("--image", action="append", default=[], help="input PNG (text: any number; edit: one)")
