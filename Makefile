@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m tuna2_jax.demo --workdir=$(DEMO_DIR) $(DEMO_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m tuna2_jax.demo --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all

@@ -139,8 +139,8 @@ def test_command_line_writes_what_the_functions_return(tmp_path, capsys):
   want = sample.generate_image(params, cfg, [ids], cfg_scale=3.0, **common)[0]
   np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "gen.png")), want)
   PILImage.fromarray(IMG).save(tmp_path / "src.png")
-  sample.main(["edit", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=make it blue", f"--image={tmp_path / 'src.png'}",
-               "--steps=2", "--seed=3", f"--out={tmp_path / 'edit.png'}"])
+  sample.main(["edit", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=make it blue",
+               f"--image={tmp_path / 'src.png'}", "--steps=2", "--seed=3", f"--out={tmp_path / 'edit.png'}"])
   assert np.asarray(PILImage.open(tmp_path / "edit.png")).shape == IMG.shape
   sample.main(["text", f"--ckpt={tmp_path / 'ckpt'}", "--prompt=how many?", f"--image={tmp_path / 'src.png'}",
                "--max_new_tokens=4", f"--out={tmp_path / 'answer.txt'}"])
