@@ -151,3 +151,37 @@ def test_text_loss_targets_trained_text_in_same_document():
 def test_validation_errors_name_the_problem(docs, message):
   with pytest.raises(S.SequenceError, match=message):
     S.pack_documents(docs, seq_len=20, patch_size=P)
+
+
+def test_validate_row_accepts_packed_rows():
+  for seed in range(5):
+    row = random_row(np.random.default_rng(seed), seq_len=128, patch_size=P, vocab=50)
+    S.validate_row(row, patch_size=P, special=S.SpecialTokens())
+
+
+def _break(row, field, index, value):
+  row = {k: v.copy() for k, v in row.items()}
+  row[field][index] = value
+  return row
+
+
+def test_validate_row_rejects_each_broken_rule():
+  docs = [[S.Text([7, 8]), S.Image(np.full((4, 8, 3), 9, np.uint8)), S.Text([9])],
+          [S.Text([3]), S.Image(np.zeros((4, 4, 3), np.uint8), "generate")]]
+  row = S.pack_documents(docs, seq_len=20, patch_size=P)
+  # 7 8 BOI TIME P P EOI 9 | 3 BOI TIME P EOI | pad
+  S.validate_row(row, patch_size=P)
+  cases = [
+      (_break(row, "attn_end", 1, 3), "text positions are causal"),
+      (_break(row, "attn_end", 4, 4), "bidirectional inside"),
+      (_break(row, "segment_ids", 18, 1), "padding"),
+      (_break(row, "patches", 0, 1), "pixels only at patch positions"),
+      (_break(row, "image_role", 4, S.GENERATE), "one role"),
+      (_break(row, "text_loss", 17, 1.0), "no loss on padding"),
+      (_break(row, "text_loss", 2, 1.0), "next token is text"),
+      (_break(row, "positions", (0, 9), 3), "positions"),
+      ({**row, "tokens": row["tokens"].astype(np.int64)}, "dtype"),
+  ]
+  for broken, message in cases:
+    with pytest.raises(S.SequenceError, match=message):
+      S.validate_row(broken, patch_size=P)

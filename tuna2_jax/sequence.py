@@ -223,3 +223,67 @@ def text_batch(tokens: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
   batch["positions"][:, 0] = np.arange(l)
   batch["text_loss"][:, :-1] = 1.0
   return batch
+
+
+_DTYPES = dict(tokens=np.int32, modality=np.int8, segment_ids=np.int32, attn_end=np.int32, positions=np.int32,
+               patches=np.uint8, image_ids=np.int32, image_role=np.int8, text_loss=np.float32)
+
+
+def validate_row(row: dict[str, np.ndarray], *, patch_size: int, special: SpecialTokens | None = None) -> None:
+  """Checks one row (no batch axis) against every rule of the contract; raises SequenceError naming the rule.
+
+  For rows from any source (a custom pipeline, a converted dataset) before they reach the model.
+  """
+  def require(ok, message: str) -> None:
+    if not bool(np.all(ok)):
+      raise SequenceError(f"row violates the contract: {message}")
+
+  require(set(row) == set(FIELDS), f"fields {sorted(row)} != {sorted(FIELDS)}")
+  length = row["tokens"].shape[0]
+  shapes = dict(positions=(3, length), patches=(length, patch_size * patch_size * 3))
+  for k in FIELDS:
+    require(row[k].shape == shapes.get(k, (length,)), f"{k} has shape {row[k].shape}")
+    require(row[k].dtype == _DTYPES[k], f"{k} has dtype {row[k].dtype}, expected {np.dtype(_DTYPES[k])}")
+  seg, mod, end, pos = row["segment_ids"], row["modality"], row["attn_end"], row["positions"]
+  idx = np.arange(length)
+  pad = seg == 0
+  require(pad == (mod == PAD), "padding (segment 0) and modality 0 disagree")
+  n_real = int((~pad).sum())
+  require(~pad[:n_real], "padding only at the end of the row")
+  require(np.diff(seg[:n_real]) >= 0, "documents are contiguous with increasing segment ids")
+  require((end >= idx) & (end < length), "attn_end inside [i, L)")
+  require(seg[end] == seg, "attn_end stays inside the query's document")
+  require(end[mod == TEXT] == idx[mod == TEXT], "text positions are causal (attn_end = i)")
+  require(row["patches"][mod != PATCH] == 0, "pixels only at patch positions")
+  require(row["text_loss"][pad] == 0, "no loss on padding")
+  doc_start = idx - pos[0]
+  require((doc_start >= 0) & (seg[np.maximum(doc_start, 0)] == seg), "positions[0] counts from the document start")
+  require((doc_start[~pad] == 0) | (seg[np.maximum(doc_start[~pad] - 1, 0)] != seg[~pad]),
+          "positions[0] restarts at 0 in each document")
+  ids = np.unique(row["image_ids"][row["image_ids"] > 0])
+  require(ids == np.arange(1, len(ids) + 1), "image ids are 1..k in row order")
+  require(row["image_role"][row["image_ids"] == 0] == NO_ROLE, "image_role only inside image spans")
+  for i in ids:
+    where = np.flatnonzero(row["image_ids"] == i)
+    t, last = where[0], where[-1]
+    require(where == np.arange(t, last + 1), f"image {i} is contiguous")
+    require(last > t and mod[t] == TIME and (mod[t + 1:last + 1] == PATCH).all(),
+            f"image {i} is a TIME slot followed by patches")
+    require(0 < t and last + 1 < length and mod[t - 1] == TEXT and mod[last + 1] == TEXT,
+            f"image {i} sits between BOI and EOI text tokens")
+    if special is not None:
+      require(row["tokens"][t - 1] == special.boi and row["tokens"][last + 1] == special.eoi,
+              f"image {i} is wrapped in BOI / EOI")
+    require(end[where] == last, f"image {i} is bidirectional inside (attn_end = its last patch)")
+    roles = row["image_role"][where]
+    require((roles == roles[0]) & np.isin(roles[0], (UNDERSTAND, GENERATE)), f"image {i} has one role")
+    rows, cols = pos[1, t + 1:last + 1], pos[2, t + 1:last + 1]
+    grid_w = cols.max() + 1
+    require(rows * grid_w + cols == np.arange(last - t), f"image {i}'s patches are in raster order")
+    if roles[0] == GENERATE:
+      require(last + 2 >= length or seg[last + 2] != seg[t], f"generation target {i} is last in its document")
+  loss = np.flatnonzero(row["text_loss"])
+  require(loss < length - 1, "no loss at the last position")
+  if len(loss):
+    require((seg[loss] == seg[loss + 1]) & (mod[loss + 1] == TEXT), "loss only where the next token is text "
+            "of the same document")

@@ -6,7 +6,8 @@ from tuna2_jax import sequence as seq
 
 
 def check_row(row: dict, *, seq_len: int, patch_size: int, special: seq.SpecialTokens) -> None:
-  """Asserts every rule of the contract on one row (no batch axis)."""
+  """Asserts every rule of the contract on one row (no batch axis), then runs the library's validator."""
+  seq.validate_row(row, patch_size=patch_size, special=special)
   shapes = dict(tokens=(seq_len,), modality=(seq_len,), segment_ids=(seq_len,), attn_end=(seq_len,),
                 positions=(3, seq_len), patches=(seq_len, patch_size * patch_size * 3), image_ids=(seq_len,),
                 image_role=(seq_len,), text_loss=(seq_len,))
