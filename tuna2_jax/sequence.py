@@ -229,7 +229,8 @@ _DTYPES = dict(tokens=np.int32, modality=np.int8, segment_ids=np.int32, attn_end
                patches=np.uint8, image_ids=np.int32, image_role=np.int8, text_loss=np.float32)
 
 
-def validate_row(row: dict[str, np.ndarray], *, patch_size: int, special: SpecialTokens | None = None) -> None:
+def validate_row(row: dict[str, np.ndarray], *, patch_size: int,
+                 special: SpecialTokens | None = None) -> None:
   """Checks one row (no batch axis) against every rule of the contract; raises SequenceError naming the rule.
 
   For rows from any source (a custom pipeline, a converted dataset) before they reach the model.
@@ -257,7 +258,8 @@ def validate_row(row: dict[str, np.ndarray], *, patch_size: int, special: Specia
   require(row["patches"][mod != PATCH] == 0, "pixels only at patch positions")
   require(row["text_loss"][pad] == 0, "no loss on padding")
   doc_start = idx - pos[0]
-  require((doc_start >= 0) & (seg[np.maximum(doc_start, 0)] == seg), "positions[0] counts from the document start")
+  require((doc_start >= 0) & (seg[np.maximum(doc_start, 0)] == seg),
+          "positions[0] counts from the document start")
   require((doc_start[~pad] == 0) | (seg[np.maximum(doc_start[~pad] - 1, 0)] != seg[~pad]),
           "positions[0] restarts at 0 in each document")
   ids = np.unique(row["image_ids"][row["image_ids"] > 0])
