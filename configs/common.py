@@ -131,8 +131,10 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.data.train_split = "train"
   c.data.eval_split = "test"        # make_eval_examples reads it
   # Tasks drawn per example (renormalised over what it supports): the paper's 7 : 3 generation :
-  # understanding over image data plus 20% text-only, an eighth of generation given to editing.
-  c.data.task_weights = ml_collections.ConfigDict(dict(understand=0.24, generate=0.49, edit=0.07, text=0.2))
+  # understanding over image data plus 20% text-only, an eighth of generation given to editing, a sixth
+  # of understanding to two-image "compare" documents (interleaved multi-image).
+  c.data.task_weights = ml_collections.ConfigDict(dict(understand=0.2, compare=0.04, generate=0.49, edit=0.07,
+                                                       text=0.2))
   c.data.cfg_drop_prob = 0.1        # a generation / edit document drops its prompt (CFG's unconditional)
   c.data.image_mode = "free"        # free: own aspect ratio, sides multiples of p | buckets: nearest bucket
   c.data.max_image_patches = 256    # patch budget per image (the paper: ~1K at p=16); rows may lower it

@@ -24,7 +24,7 @@ from tuna2_jax.input.sources import SafeSource, open_source, parse_mixture
 
 # The paper's mixture: generation : understanding = 7 : 3 over image data, plus 20% text-only; we give an
 # eighth of the generation share to editing.
-DEFAULT_TASK_WEIGHTS = dict(understand=0.24, generate=0.49, edit=0.07, text=0.2)
+DEFAULT_TASK_WEIGHTS = dict(understand=0.2, compare=0.04, generate=0.49, edit=0.07, text=0.2)
 
 
 def _get(config, key: str, default):

@@ -4,6 +4,8 @@
   generate    [BOS] prompt [image, role 2]                                    (flow loss on the image)
   edit        [BOS] [source, role 1] instruction [target, role 2]
   text        [BOS] caption and questions with answers EOS                    (loss on all of it)
+  compare     [BOS] [image A, role 1] [image B, role 1] "What changed?" instruction EOS
+              (an interleaved multi-image document from an editing pair; loss on the instruction)
 
 Generation targets come last in their document (the contract). For classifier-free guidance a generation or
 edit document drops its prompt / instruction with probability `cfg_drop_prob`, leaving the bare [BOS]:
@@ -23,7 +25,8 @@ from tuna2_jax.input import images
 from tuna2_jax.input.tokenizer import Tokenizer
 from tuna2_jax.sequence import Document, Image, Text, pack_documents
 
-TASKS = ("understand", "generate", "edit", "text")
+TASKS = ("understand", "generate", "edit", "text", "compare")
+COMPARE_QUESTION = "What changed from the first image to the second?"
 CAPTION_QUESTION = "Describe the image."
 
 
@@ -47,7 +50,7 @@ def available_tasks(ex: examples_lib.Example) -> list[str]:
   if ex.prompt or ex.caption:
     out.append("generate")
   if ex.edits:
-    out.append("edit")
+    out += ["edit", "compare"]
   return [t for t in TASKS if t in out]
 
 
@@ -150,8 +153,22 @@ def text_document(ex: examples_lib.Example, rng: np.random.Generator, tok: Token
   return [Text(ids, loss=True)]
 
 
+def compare_document(ex: examples_lib.Example, rng: np.random.Generator, tok: Tokenizer,
+                     opts: TaskOptions) -> Document | None:
+  """Two understanding images in one document, then a question whose answer needs both."""
+  instruction, target = ex.edits[int(rng.integers(len(ex.edits)))]
+  question, answer = tok.encode(COMPARE_QUESTION + "\n"), tok.encode(instruction) + [tok.special.eos]
+  budget = _image_budget(opts, 1 + len(question) + len(answer), 2)
+  if budget < opts.min_image_patches:
+    return None
+  src = _fit(ex.image, opts, budget)
+  tgt = images.resize(_fit(target, opts, budget), *src.shape[:2])
+  return [Text([tok.special.bos], loss=False), Image(src, "understand"), Image(tgt, "understand"),
+          Text(question, loss=False), Text(answer, loss=True)]
+
+
 _TEMPLATES = dict(understand=understanding_document, generate=generate_task, edit=edit_document,
-                  text=text_document)
+                  text=text_document, compare=compare_document)
 
 
 def make_document(ex: examples_lib.Example, task: str, rng: np.random.Generator, tok: Tokenizer,

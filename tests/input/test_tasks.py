@@ -1,0 +1,33 @@
+"""Task templates: the interleaved multi-image 'compare' document."""
+
+import numpy as np
+from contract_check import check_row
+
+from tuna2_jax import sequence as seq
+from tuna2_jax.input import tasks
+from tuna2_jax.input.examples import Example
+from tuna2_jax.input.tokenizer import tokenizer_from_name
+
+
+def test_compare_document_interleaves_two_images_and_trains_on_the_answer():
+  tok = tokenizer_from_name("byte")
+  src = np.full((32, 48, 3), 200, np.uint8)
+  tgt = np.full((32, 48, 3), 30, np.uint8)
+  ex = Example(id="x", image=src, edits=[("make the circle blue", tgt)])
+  assert "compare" in tasks.available_tasks(ex)
+  opts = tasks.TaskOptions(seq_len=256, patch_size=8)
+  doc = tasks.make_document(ex, "compare", np.random.default_rng(0), tok, opts)
+  row = seq.pack_documents([doc], seq_len=256, patch_size=8, special=tok.special)
+  check_row(row, seq_len=256, patch_size=8, special=tok.special)
+  ids = row["image_ids"]
+  assert set(np.unique(ids[ids > 0])) == {1, 2}
+  assert (row["image_role"][ids > 0] == seq.UNDERSTAND).all()
+  assert len(np.unique(row["segment_ids"][row["segment_ids"] > 0])) == 1     # one document, two images
+  # The loss predicts exactly the answer (instruction + EOS), and the answer sees both images.
+  targets = row["tokens"][1:][row["text_loss"][:-1] > 0]
+  assert tok.decode([t for t in targets if t != tok.special.eos]) == "make the circle blue"
+  first_answer = int(np.flatnonzero(row["text_loss"])[0])
+  mask = seq.dense_mask(row["segment_ids"], row["attn_end"])
+  assert mask[first_answer, ids == 1].all() and mask[first_answer, ids == 2].all()
+  # The first image cannot see the second.
+  assert not mask[np.ix_(ids == 1, ids == 2)].any()
