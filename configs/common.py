@@ -107,12 +107,24 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   return m
 
 
-def mesh_config(**shape) -> ml_collections.ConfigDict:
-  """Mesh axes (data, fsdp, tensor, sequence); one of them may be -1 = all remaining devices."""
-  axes = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+# Mesh shapes per target; the one -1 axis takes the remaining devices. Override any axis on the command line
+# (--config.mesh.shape.tensor=4); benchmarks/aot_tpu.py shows which preset fits which TPU topology.
+MESH_PRESETS = {
+    "cpu": dict(data=-1),                 # laptops, CI: plain data parallelism
+    "gpu_node": dict(fsdp=-1, tensor=8),  # FSDP across nodes, tensor parallel inside an 8-GPU NVLink node
+    "tpu_pod": dict(fsdp=-1),             # FSDP over the slice (ICI) and slices (DCN)
+}
+# Sizes whose head counts take a 2-way tensor axis on a pod (0.5B's flow head has 7 KV heads: FSDP only).
+POD_TENSOR = {"1p5b": 2, "7b": 2}
+
+
+def mesh_config(preset: str = "cpu", **shape) -> ml_collections.ConfigDict:
+  """Mesh axes (data, fsdp, tensor, sequence) from a MESH_PRESETS entry plus overrides."""
+  axes = dict(data=1, fsdp=1, tensor=1, sequence=1)
+  axes.update(MESH_PRESETS[preset])
   axes.update(shape)
   # rules: a preset of tuna2_jax.sharding.RULES (fsdp_tp | gpu_node | tpu_pod) or explicit pairs.
-  return ml_collections.ConfigDict(dict(shape=axes, rules="fsdp_tp"))
+  return ml_collections.ConfigDict(dict(shape=axes, rules=preset if preset != "cpu" else "fsdp_tp"))
 
 
 def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -182,7 +194,8 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.train.mask_prob = 0.5
   c.train.mask_ratio_min, c.train.mask_ratio_max = 0.0, 0.5
 
-  c.mesh = mesh_config()
+  c.mesh = (mesh_config() if size in ("debug", "tiny")
+            else mesh_config("tpu_pod", tensor=POD_TENSOR.get(size, 1)))
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500          # save every this many steps (and always at the end and on SIGTERM)
