@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -31,7 +32,8 @@ def times_ms(fn, *, warmup: int, repeats: int) -> list[float]:
   return times
 
 
-def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
+def qwen2_model(case: dict) -> Qwen2ForCausalLM:
+  """A random-weight float32 Qwen2ForCausalLM of the case's shapes (seeded)."""
   cfg = Qwen2Config(
       vocab_size=case["vocab_size"], hidden_size=case["hidden_size"], num_hidden_layers=case["num_layers"],
       num_attention_heads=case["num_heads"], num_key_value_heads=case["num_kv_heads"],
@@ -40,7 +42,12 @@ def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
       rope_parameters={"rope_type": "default", "rope_theta": case["rope_theta"]},
       attn_implementation=case.get("attn_implementation", "sdpa"), dtype="float32", use_cache=False)
   torch.manual_seed(0)
-  model = Qwen2ForCausalLM(cfg)
+  return Qwen2ForCausalLM(cfg)
+
+
+def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
+  model = qwen2_model(case)
+  cfg = model.config
   tokens = torch.randint(0, case["vocab_size"], (case["batch"], case["seq_len"]))
 
   def forward():
@@ -61,16 +68,19 @@ def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", required=True, help="JSON list of shape dicts (see forward.py)")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=7)
+def main(run=None, *, warmup: int = 2, repeats: int = 7) -> None:
+  """The command line shared by the torch sides: --cases (JSON) -> one JSON line of results."""
+  doc = sys.modules["__main__"].__doc__ or __doc__
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--cases", required=True, help="JSON list of shape dicts")
+  parser.add_argument("--warmup", type=int, default=warmup)
+  parser.add_argument("--repeats", type=int, default=repeats)
   parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: torch's default")
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
-  results = [run_case(c, warmup=args.warmup, repeats=args.repeats) for c in json.loads(args.cases)]
+  run = run or run_case
+  results = [run(c, warmup=args.warmup, repeats=args.repeats) for c in json.loads(args.cases)]
   print(json.dumps(dict(torch=torch.__version__, transformers=transformers.__version__,
                         threads=torch.get_num_threads(), results=results)))
 

@@ -12,26 +12,16 @@ their median.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
 
+import forward_torch  # a sibling script: this file runs as `python benchmarks/train_step_torch.py`
 import torch
-import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from forward_torch import qwen2_model, times_ms
 
 
 def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
-  cfg = Qwen2Config(
-      vocab_size=case["vocab_size"], hidden_size=case["hidden_size"], num_hidden_layers=case["num_layers"],
-      num_attention_heads=case["num_heads"], num_key_value_heads=case["num_kv_heads"],
-      head_dim=case["head_dim"], intermediate_size=case["mlp_dim"],
-      tie_word_embeddings=case["tie_embeddings"], rms_norm_eps=case["rms_eps"],
-      rope_parameters={"rope_type": "default", "rope_theta": case["rope_theta"]},
-      attn_implementation=case.get("attn_implementation", "sdpa"), dtype="float32", use_cache=False)
-  torch.manual_seed(0)
-  model = Qwen2ForCausalLM(cfg)
+  model = qwen2_model(case)
+  cfg = model.config
   model.train()  # Qwen2 has no dropout by default (attention_dropout=0), so train() changes no numerics
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
   tokens = torch.randint(0, case["vocab_size"], (case["batch"], case["seq_len"]))
@@ -45,31 +35,11 @@ def run_case(case: dict, *, warmup: int, repeats: int) -> dict:
     opt.step()
     return loss.item()  # .item() waits for the result
 
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    step()
-    times.append(1e3 * (time.perf_counter() - t0))
+  times = times_ms(step, warmup=warmup, repeats=repeats)
   return dict(name=case["name"], attn_implementation=cfg._attn_implementation,
               params=sum(p.numel() for p in model.parameters()), step_times_ms=times,
               step_ms=statistics.median(times))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", required=True, help="JSON list of shape dicts (see train_step.py)")
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: torch's default")
-  args = parser.parse_args()
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  results = [run_case(c, warmup=args.warmup, repeats=args.repeats) for c in json.loads(args.cases)]
-  print(json.dumps(dict(torch=torch.__version__, transformers=transformers.__version__,
-                        threads=torch.get_num_threads(), results=results)))
-
-
 if __name__ == "__main__":
-  main()
+  forward_torch.main(run_case, warmup=1, repeats=3)
