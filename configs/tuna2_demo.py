@@ -17,19 +17,24 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, steps=1000, runlocal=False)
+  arg = common.parse_arg(arg, steps=1400, runlocal=False)
   c = common.base_config("tiny", steps=arg.steps, seq_len=256, batch_size=8)
+  c.data.dataset = "shapes/small"
   c.data.data_dir = "runs/demo/data"
-  c.data.max_image_patches = 64
+  c.data.tokenizer = "hf:runs/demo/data/tokenizer_shapes_small_512.json"  # tuna2_jax.demo writes it
+  c.data.max_image_patches = 36
+  c.data.max_qa_turns = 8
   c.data.task_weights.update(dict(understand=0.5, generate=0.45, edit=0.05, text=0.0))
-  c.optim.lr = 1.5e-3
+  c.optim.lr = 4e-3
   c.optim.warmup_steps = 50
   c.optim.end_lr_factor = 0.1
   c.train.noise_scale = 1.0
   c.train.log_every = 25
   c.checkpoint.every = 250
   c.checkpoint.keep = 2
-  c.eval.num_examples = 64
+  c.eval.num_examples = 200
+  c.eval.gen_num = 64
+  c.eval.max_new_tokens = 8
   if arg.runlocal:  # shrink everything for a smoke run
     c.train.steps, c.data.global_batch_size = 4, 2
   return c

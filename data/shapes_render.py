@@ -32,6 +32,30 @@ FONT_SIZE = 12
 
 
 @dataclasses.dataclass(frozen=True)
+class SceneSpec:
+  """What scenes a dataset draws: canvas sides, how many objects, how large, how often a word."""
+  sides: tuple[int, ...] = SIDES
+  square: bool = False          # one side drawn for both (a fixed canvas when `sides` has one entry)
+  max_objects: int = 6          # also capped by the canvas area: one object per `px_per_object` (at least one)
+  px_per_object: int = 1000
+  min_size: int = 8             # object side in px; the largest is half the shorter canvas side
+  word_prob: float = 0.4        # chance of a word on canvases at least 48 px wide
+  word_grid: int = 1            # the word's ink starts on multiples of this (1 = anywhere)
+
+
+SCENES = {
+    # Any aspect ratio, 32-128 px, 1-6 objects: the any-res dataset.
+    "full": SceneSpec(),
+    # 48 x 48 canvases with 1-3 larger objects: 36 patches of 8 px, so a 2-core CPU sees tens of thousands
+    # of scenes in ten minutes (the demo), and the 3 x 3 position grid falls on whole 2 x 2 patch blocks.
+    # Words start on the 8-px patch grid: each word is then one pixel pattern, not 64 shifted ones, which a
+    # model trained for minutes can learn to read.
+    "small": SceneSpec(sides=(48,), square=True, max_objects=3, px_per_object=700, min_size=10, word_prob=0.5,
+                       word_grid=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
   shape: str
   color: str
@@ -111,9 +135,11 @@ def _overlaps(box, boxes) -> bool:
   return any(x0 <= b[2] + GAP and b[0] <= x1 + GAP and y0 <= b[3] + GAP and b[1] <= y1 + GAP for b in boxes)
 
 
-def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken: list) -> Shape | None:
+def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken: list,
+           min_size: int = 8) -> Shape | None:
   """A non-overlapping shape of random size, or None after a few tries."""
-  lo, hi = 8, max(9, min(scene.width, scene.height) // 2)
+  hi = max(min_size + 1, min(scene.width, scene.height) // 2)
+  lo = min(min_size, hi - 1)
   for _ in range(30):
     size = int(rng.integers(lo, hi))
     x0 = int(rng.integers(0, scene.width - size + 1))
@@ -124,31 +150,39 @@ def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken
   return None
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-  """A random canvas with 1..6 shapes (fewer on small canvases) and sometimes a word."""
-  width, height = (int(rng.choice(SIDES)) for _ in range(2))
+def sample_scene(rng: np.random.Generator, spec: SceneSpec = SCENES["full"]) -> Scene:
+  """A random canvas with 1..spec.max_objects shapes (fewer on small canvases) and sometimes a word."""
+  width = int(rng.choice(spec.sides))
+  height = width if spec.square else int(rng.choice(spec.sides))
   scene = Scene(width, height, ())
   taken: list = []
-  if width >= 48 and rng.random() < 0.4:
+  if width >= 48 and rng.random() < spec.word_prob:
     word = str(rng.choice(WORDS))
     left, t, r, b = _font().getbbox(word)
     for _ in range(20):
       xy = (int(rng.integers(0, width - r + 1)), int(rng.integers(-t, height - b + 1)))
+      if spec.word_grid > 1:  # snap the ink's top-left corner down onto the grid
+        g = spec.word_grid
+        xy = ((xy[0] + left) // g * g - left, (xy[1] + t) // g * g - t)
       box = (xy[0] + left, xy[1] + t, xy[0] + r - 1, xy[1] + b - 1)
       if box[0] >= 0 and box[2] < width and box[3] < height:
         scene = dataclasses.replace(scene, word=word, word_xy=xy)
         taken.append(box)
         break
-  max_n = int(np.clip(width * height // 1000, 1, 6))
+  max_n = int(np.clip(width * height // spec.px_per_object, 1, spec.max_objects))
   objects = []
+
+  def new_object(taken: list) -> Shape | None:
+    return _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec.min_size)
+
   for _ in range(int(rng.integers(1, max_n + 1))):
-    o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken)
+    o = new_object(taken)
     if o is not None:
       objects.append(o)
       taken.append(o.bbox)
   if not objects:  # a tiny canvas with a word may leave no room: drop the word rather than have no shape
     scene = dataclasses.replace(scene, word=None)
-    objects.append(_place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), []))
+    objects.append(new_object([]))
   return dataclasses.replace(scene, objects=tuple(objects))
 
 
@@ -210,7 +244,8 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
   return qa
 
 
-def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2) -> list[tuple[str, Scene]]:
+def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: int = 8
+          ) -> list[tuple[str, Scene]]:
   """Up to `max_edits` (instruction, edited scene) pairs: recolor, remove or add one object."""
   names = [o.name() for o in scene.objects]
   unique = [i for i, o in enumerate(scene.objects) if names.count(o.name()) == 1]
@@ -230,7 +265,7 @@ def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2) -> list[tu
         out.append((f"Remove the {o.name()}.", dataclasses.replace(scene, objects=objs)))
     elif kind == "add":
       taken = [o.bbox for o in scene.objects] + ([scene.word_bbox()] if scene.word else [])
-      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken)
+      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, min_size)
       if o is not None:
         new_scene = dataclasses.replace(scene, objects=scene.objects + (o,))
         where = new_scene.position(o)
@@ -238,12 +273,19 @@ def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2) -> list[tu
   return out
 
 
-def make_scene_example(seed: int, split: str, index: int) -> dict[str, Any]:
-  """Everything one record holds, with images as uint8 arrays (the builder encodes them)."""
+def make_scene_example(seed: int, split: str, index: int, scenes: str = "full") -> dict[str, Any]:
+  """Everything one record holds, with images as uint8 arrays (the builder encodes them).
+
+  scenes: a SCENES preset; "full" keeps the record of (seed, split, index) as it always was.
+  """
+  if scenes not in SCENES:
+    raise ValueError(f"scenes={scenes!r} not in {sorted(SCENES)}")
+  spec = SCENES[scenes]
   rng = np.random.default_rng((seed, SPLIT_CODES[split], index))
-  scene = sample_scene(rng)
+  scene = sample_scene(rng, spec)
   return dict(
       id=f"shapes/{split}/{index}", image=render(scene), caption=caption(scene), prompt=prompt(scene),
       qa=questions(scene, rng),
-      edits=[dict(instruction=text, image=render(s)) for text, s in edits(scene, rng)],
+      edits=[dict(instruction=text, image=render(s))
+             for text, s in edits(scene, rng, min_size=spec.min_size)],
       meta=scene.meta())

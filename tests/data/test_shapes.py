@@ -126,3 +126,30 @@ def test_parallel_write_equals_serial(tmp_path):
   assert a.keys() == b.keys() and len(a) == 24
   for k in a:
     assert np.array_equal(a[k]["image"], b[k]["image"]) and a[k]["caption"] == b[k]["caption"]
+
+
+def test_small_scenes_are_square_and_answers_match_pixels():
+  counts = set()
+  for i in range(150):
+    ex = shapes_render.make_scene_example(11, "train", i, scenes="small")
+    assert ex["image"].shape == (48, 48, 3)
+    n = len(ex["meta"]["objects"])
+    assert 1 <= n <= 3 and all(o["bbox"][2] - o["bbox"][0] + 1 >= 10 for o in ex["meta"]["objects"])
+    counts.add(n)
+    _check_against_pixels(ex["image"], ex["meta"], [(q["question"], q["answer"]) for q in ex["qa"]])
+  assert counts == {1, 2, 3}
+  with pytest.raises(ValueError, match="scenes='huge'"):
+    shapes_render.make_scene_example(0, "train", 0, scenes="huge")
+
+
+def test_builder_configs_are_separate_datasets(tmp_path):
+  from tuna2_jax.input import sources
+
+  d = str(tmp_path)
+  shapes.build(d, "small", num_train=6, num_test=0, num_workers=0)
+  with pytest.raises(sources.DatasetMissingError, match="--config=small"):
+    sources.open_source("shapes/small", d, "test")
+  with pytest.raises(sources.DatasetMissingError, match="tuna_shapes"):
+    sources.open_source("shapes", d, "train")  # the default config, "full", was never built
+  small = sources.open_source("shapes/small", d, "train")
+  assert len(small) == 6 and all(small[i]["image"].shape == (48, 48, 3) for i in range(6))

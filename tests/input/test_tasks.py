@@ -31,3 +31,21 @@ def test_compare_document_interleaves_two_images_and_trains_on_the_answer():
   assert mask[first_answer, ids == 1].all() and mask[first_answer, ids == 2].all()
   # The first image cannot see the second.
   assert not mask[np.ix_(ids == 1, ids == 2)].any()
+
+
+def test_understanding_turns_never_follow_the_caption():
+  """Questions come before the caption, which would otherwise give their answers away."""
+  tok = tokenizer_from_name("byte")
+  qa = [dict(kind="count", question=f"How many q{i}?", answer=str(i)) for i in range(5)]
+  ex = Example(id="x", image=np.full((16, 16, 3), 9, np.uint8), caption="A picture of five shapes.", qa=qa)
+  opts = tasks.TaskOptions(seq_len=512, patch_size=8, max_qa_turns=6)
+  saw_caption, saw_several = False, set()
+  for seed in range(40):
+    doc = tasks.make_document(ex, "understand", np.random.default_rng(seed), tok, opts)
+    text = tok.decode([i for part in doc if isinstance(part, seq.Text) for i in part.ids])
+    questions = [line for line in text.split("\n") if line.endswith("?") or line == tasks.CAPTION_QUESTION]
+    saw_several.add(len(questions))
+    if tasks.CAPTION_QUESTION in questions:
+      saw_caption = True
+      assert questions[-1] == tasks.CAPTION_QUESTION, questions
+  assert saw_caption and len(saw_several) > 3

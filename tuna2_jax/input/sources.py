@@ -7,9 +7,11 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-# Builders of data/: config name -> (TFDS name, the command that writes it).
+# Builders of data/: config name -> (TFDS name, the command that writes it). "shapes/small" names the builder
+# config "small" of "shapes" (TFDS's "tuna_shapes/small").
 BUILDERS = {
-    "shapes": ("tuna_shapes", "python -m data.shapes --data_dir={data_dir} --num_train=20000 --num_test=500"),
+    "shapes": ("tuna_shapes",
+               "python -m data.shapes --data_dir={data_dir} --num_train=20000 --num_test=500{config_flag}"),
     "digits": ("tuna_digits", "python -m data.digits --data_dir={data_dir}"),
     "folder": ("tuna_folder", "python -m data.folder --data_dir={data_dir} --images=DIR --jsonl=FILE"),
 }
@@ -36,8 +38,15 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
   return out
 
 
+def _builder(name: str) -> tuple[str, str]:
+  """('shapes', '/small') for 'shapes/small'; (name, '') for names that are not ours."""
+  base, slash, config = name.partition("/")
+  return (base, slash + config) if base in BUILDERS else (name, "")
+
+
 def tfds_name(name: str) -> str:
-  return BUILDERS[name][0] if name in BUILDERS else name
+  base, config = _builder(name)
+  return BUILDERS[base][0] + config if base in BUILDERS else name
 
 
 def open_source(name: str, data_dir: str, split: str):
@@ -46,8 +55,12 @@ def open_source(name: str, data_dir: str, split: str):
   try:
     return tfds.data_source(full, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types (not found, no split, no files); all mean "build it"
-    hint = (f"build it first:\n  {BUILDERS[name][1].format(data_dir=data_dir)}" if name in BUILDERS
-            else "prepare it with tfds (file_format='array_record') into data.data_dir")
+    base, config = _builder(name)
+    if base in BUILDERS:
+      flag = f" --config={config[1:]}" if config else ""
+      hint = f"build it first:\n  {BUILDERS[base][1].format(data_dir=data_dir, config_flag=flag)}"
+    else:
+      hint = "prepare it with tfds (file_format='array_record') into data.data_dir"
     exists = os.path.isdir(os.path.join(data_dir, full.split("/")[0].split(":")[0]))
     what = f"split {split!r} of {full!r}" if exists else f"dataset {full!r}"
     raise DatasetMissingError(f"data.dataset: {what} not found under data.data_dir={data_dir!r} ({e}); "

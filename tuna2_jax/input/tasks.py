@@ -76,11 +76,17 @@ def _fit(pixels: np.ndarray, opts: TaskOptions, budget: int) -> np.ndarray:
 
 def understanding_document(ex: examples_lib.Example, rng: np.random.Generator, tok: Tokenizer,
                            opts: TaskOptions) -> Document | None:
-  """Image, then 1..max_qa_turns question/answer turns (the caption is one more possible turn)."""
+  """Image, then 1..max_qa_turns question/answer turns (the caption is one more possible turn).
+
+  The caption, when drawn, is always the last turn: it states counts, colors, positions and the word, so a
+  question after it could copy its answer from the text instead of reading the image.
+  """
   turns = [(q["question"], q["answer"]) for q in ex.qa]
   if ex.caption:
     turns.append((CAPTION_QUESTION, ex.caption))
   order = rng.permutation(len(turns))[:int(rng.integers(1, min(opts.max_qa_turns, len(turns)) + 1))]
+  if ex.caption:
+    order = sorted(order, key=lambda i: i == len(turns) - 1)  # stable: the caption moves to the end
   sp = tok.special
   parts = []
   for j, i in enumerate(order):
