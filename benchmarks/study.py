@@ -70,7 +70,8 @@ def step_flops(c) -> float:
   return float(flops.train_flops(ModelConfig.from_dict(c.model.to_dict()), batch))
 
 
-def run_variant(name: str, base, *, steps: int, evals: int, workdir: str, num_eval: int, gen_num: int) -> dict:
+def run_variant(name: str, base, *, steps: int, evals: int, workdir: str, num_eval: int,
+                gen_num: int) -> dict:
   """Trains one variant (checkpoint every steps/evals), scores each checkpoint; the variant's record."""
   from tuna2_jax import evaluate, train  # noqa: PLC0415
   from tuna2_jax.input import pipeline, tokenizer  # noqa: PLC0415

@@ -73,8 +73,8 @@ def build(data_dir: str, config: str = "full", **sizes) -> TunaShapes:
 def main(argv):
   del argv
   f = flags.FLAGS
-  builder = build(f.data_dir, f.config, num_train=f.num_train, num_validation=f.num_validation, num_test=f.num_test,
-                  seed=f.seed, num_workers=f.num_workers)
+  builder = build(f.data_dir, f.config, num_train=f.num_train, num_validation=f.num_validation,
+                  num_test=f.num_test, seed=f.seed, num_workers=f.num_workers)
   print(f"wrote {NAME} to {builder.data_dir}: " +
         ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items()))
 

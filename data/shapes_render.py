@@ -36,7 +36,7 @@ class SceneSpec:
   """What scenes a dataset draws: canvas sides, how many objects, how large, how often a word."""
   sides: tuple[int, ...] = SIDES
   square: bool = False          # one side drawn for both (a fixed canvas when `sides` has one entry)
-  max_objects: int = 6          # also capped by the canvas area: one object per `px_per_object` (at least one)
+  max_objects: int = 6          # also capped by the canvas area: one object per px_per_object (at least 1)
   px_per_object: int = 1000
   min_size: int = 8             # object side in px; the largest is half the shorter canvas side
   word_prob: float = 0.4        # chance of a word on canvases at least 48 px wide

@@ -4,9 +4,9 @@
   then: --config.data.tokenizer=hf:runs/demo/data/tokenizer_shapes_small_512.json
 
 The byte tokenizer spends a token per character; a small model trained from scratch on a closed vocabulary
-learns faster when "triangles" is one token (the shapes texts are ~4x shorter). The byte-level alphabet stays in
-the vocabulary, so any text still encodes. Structural tokens come first, named as tokenizer.HFTokenizer looks
-them up, so their ids equal `SpecialTokens()`'s defaults.
+learns faster when "triangles" is one token (the shapes texts are ~4x shorter). The byte-level alphabet
+stays in the vocabulary, so any text still encodes. Structural tokens come first, named as
+tokenizer.HFTokenizer looks them up, so their ids equal `SpecialTokens()`'s defaults.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer)
   return tok
 
