@@ -5,7 +5,7 @@ length (the demo config); checkpoints along the way are scored for understanding
 kind, held-out) and the loss curves come from each run's metrics.jsonl. The last checkpoint also gets the
 GenEval-style generation score. Results: benchmarks/results/study_<tag>.{json,md} and study_<tag>_*.png.
 
-  python -m benchmarks.study --steps=150 --evals=3 --tag=short           # ~25 min on a quiet 2-core CPU
+  python -m benchmarks.study                       # 700 steps a variant, 4 evals: ~30 min on a quiet 2-core CPU
   python -m benchmarks.study --steps=3000 --evals=6 --tag=long --variants=tuna2_p8,tuna_r_p8
 
 "Equal compute" here is equal steps x rows x row length. Tuna-R also runs its ViT over every image (more
@@ -190,14 +190,14 @@ def write_results(records: list[dict], tag: str, meta: dict) -> dict[str, str]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=150)
-  parser.add_argument("--evals", type=int, default=3, help="checkpoints scored along the way")
+  parser.add_argument("--steps", type=int, default=700)
+  parser.add_argument("--evals", type=int, default=4, help="checkpoints scored along the way")
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--tag", default="short")
+  parser.add_argument("--tag", default="demo700")
   parser.add_argument("--workdir", default="runs/study")
-  parser.add_argument("--num_train", type=int, default=4000)
-  parser.add_argument("--num_eval", type=int, default=48, help="held-out scenes for accuracy")
-  parser.add_argument("--gen_num", type=int, default=16)
+  parser.add_argument("--num_train", type=int, default=10_000)
+  parser.add_argument("--num_eval", type=int, default=100, help="held-out scenes for accuracy")
+  parser.add_argument("--gen_num", type=int, default=32)
   parser.add_argument("--reuse", action="store_true", help="keep variants an earlier run of the tag finished")
   args = parser.parse_args()
   from absl import flags  # noqa: PLC0415
