@@ -59,7 +59,8 @@ class HFTokenizer:
     import tokenizers  # noqa: PLC0415  (only needed for this tokenizer)
 
     if not os.path.exists(path):
-      raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {path!r}")
+      raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {path!r} (python -m tuna2_jax.input.bpe "
+                              f"trains one on a built dataset)")
     self._tok = tokenizers.Tokenizer.from_file(path)
     vocab = self._tok.get_vocab(with_added_tokens=True)
     ids = {}
