@@ -5,7 +5,7 @@ length (the demo config); checkpoints along the way are scored for understanding
 kind, held-out) and the loss curves come from each run's metrics.jsonl. The last checkpoint also gets the
 GenEval-style generation score. Results: benchmarks/results/study_<tag>.{json,md} and study_<tag>_*.png.
 
-  python -m benchmarks.study                       # 700 steps a variant, 4 evals: ~30 min on a quiet 2-core CPU
+  python -m benchmarks.study               # 700 steps a variant, 4 evals: 23 min on a quiet 2-core CPU
   python -m benchmarks.study --steps=3000 --evals=6 --tag=long --variants=tuna2_p8,tuna_r_p8
 
 "Equal compute" here is equal steps x rows x row length. Tuna-R also runs its ViT over every image (more
