@@ -223,12 +223,11 @@ def main() -> None:
       json.dump(records[-1], f)
   import jax  # noqa: PLC0415
 
-  c = base
-  meta = dict(steps=args.steps, rows_per_step=c.data.global_batch_size, seq_len=c.data.seq_len,
+  meta = dict(steps=args.steps, rows_per_step=base.data.global_batch_size, seq_len=base.data.seq_len,
               num_train=args.num_train, num_eval=args.num_eval, wall_seconds=time.time() - t0,
               cpus=os.cpu_count(), jax=jax.__version__,
-              compute=(f"Each variant: {args.steps} steps x {c.data.global_batch_size} rows x "
-                       f"{c.data.seq_len} tokens on {os.cpu_count()} CPU cores (shared with other jobs), "
+              compute=(f"Each variant: {args.steps} steps x {base.data.global_batch_size} rows x "
+                       f"{base.data.seq_len} tokens on {os.cpu_count()} CPU cores (shared with other jobs), "
                        f"same seed and data stream; accuracy on {args.num_eval} held-out scenes, greedy "
                        "exact match."))
   paths = write_results(records, args.tag, meta)

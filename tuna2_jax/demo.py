@@ -56,10 +56,10 @@ def build_data(config: ml_collections.ConfigDict, opts: DemoOptions) -> float:
   """Writes the shapes dataset (and its BPE tokenizer when the config reads one) into config.data.data_dir
   unless they are there; seconds taken."""
   from data import shapes  # noqa: PLC0415
-  from tuna2_jax.input import bpe  # noqa: PLC0415
+  from tuna2_jax.input import bpe, sources  # noqa: PLC0415
 
   t0 = time.time()
-  name, _, scenes = config.data.dataset.partition("/")
+  name, scenes = sources.builder_name(config.data.dataset)
   if name != "shapes":
     raise ValueError(f"data.dataset={config.data.dataset!r}: the demo builds 'shapes' or 'shapes/<config>'")
   builder = shapes.build(config.data.data_dir, scenes or "full", num_train=opts.num_train,

@@ -38,15 +38,15 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
   return out
 
 
-def _builder(name: str) -> tuple[str, str]:
-  """('shapes', '/small') for 'shapes/small'; (name, '') for names that are not ours."""
-  base, slash, config = name.partition("/")
-  return (base, slash + config) if base in BUILDERS else (name, "")
+def builder_name(name: str) -> tuple[str, str]:
+  """('shapes', 'small') for 'shapes/small', ('shapes', '') for 'shapes'; (name, '') for names not ours."""
+  base, _, config = name.partition("/")
+  return (base, config) if base in BUILDERS else (name, "")
 
 
 def tfds_name(name: str) -> str:
-  base, config = _builder(name)
-  return BUILDERS[base][0] + config if base in BUILDERS else name
+  base, config = builder_name(name)
+  return BUILDERS[base][0] + (f"/{config}" if config else "") if base in BUILDERS else name
 
 
 def open_source(name: str, data_dir: str, split: str):
@@ -55,9 +55,9 @@ def open_source(name: str, data_dir: str, split: str):
   try:
     return tfds.data_source(full, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types (not found, no split, no files); all mean "build it"
-    base, config = _builder(name)
+    base, config = builder_name(name)
     if base in BUILDERS:
-      flag = f" --config={config[1:]}" if config else ""
+      flag = f" --config={config}" if config else ""
       hint = f"build it first:\n  {BUILDERS[base][1].format(data_dir=data_dir, config_flag=flag)}"
     else:
       hint = "prepare it with tfds (file_format='array_record') into data.data_dir"
