@@ -1,0 +1,60 @@
+"""benchmarks/learnability.py runs end to end and measures what it says (a few steps, no result files)."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import learnability
+from data import shapes_render as sr
+from tuna2_jax import sequence
+
+
+def _args(**kw) -> argparse.Namespace:
+  base = dict(probe="position", objects="dataset", targets="objects", steps=2, lr=4e-3, seed=0, model=[],
+              tag="")
+  return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return learnability.scene_tokenizer(num_scenes=50)
+
+
+def test_position_rows_ask_about_a_named_object_and_train_on_its_place(tok):
+  task = learnability.PositionTask(tok, "one", seed=0)
+  rows, answers = task.batch()
+  assert rows["tokens"].shape == (learnability.ROWS, learnability.SEQ_LEN)
+  for r, answer in enumerate(answers):
+    loss_targets = np.roll(rows["tokens"][r], -1)[rows["text_loss"][r] > 0]
+    assert tok.decode(loss_targets) == answer  # the loss covers exactly the answer (EOS decodes to "")
+    # The place, re-derived from the row's pixels: the shape's box center in the 3 x 3 grid.
+    image = sequence.unpatchify(rows["patches"][r][rows["modality"][r] == sequence.PATCH], (6, 6), 8)
+    ys, xs = np.nonzero(np.any(image != 255, axis=-1))
+    col = ("left", "center", "right")[min(int(3 * (xs.min() + xs.max() + 1) / 2 / 48), 2)]
+    row = ("top", "middle", "bottom")[min(int(3 * (ys.min() + ys.max() + 1) / 2 / 48), 2)]
+    assert answer == {"middle": col}.get(row, row if col == "center" else f"{row} {col}")
+
+
+def test_filled_targets_have_the_prompts_colors(tok):
+  rows, colors = learnability.ConditioningTask(tok, "filled", seed=0).batch()
+  drawn = (rows["image_role"] == 2) & (rows["modality"] == 3)
+  for r, color in enumerate(colors):
+    pixels = rows["patches"][r][drawn[r]].reshape(-1, 3)
+    np.testing.assert_array_equal(pixels, np.broadcast_to(sr.COLORS[color], pixels.shape))
+    assert color in tok.decode(rows["tokens"][r][rows["modality"][r] == 1])
+
+
+@pytest.mark.parametrize("kw", [dict(probe="position", objects="one"),
+                                dict(probe="conditioning", targets="filled", model=["rope=mrope"])])
+def test_run_reports_the_measurement(monkeypatch, tok, kw):
+  monkeypatch.setattr(learnability, "scene_tokenizer", lambda: tok)
+  result = learnability.run(_args(**kw))
+  assert result["steps"] == 2 and result["curve"][-1]["step"] == 2
+  m = result["measured"]
+  if kw["probe"] == "position":
+    assert 0.0 <= m["exact_match"] <= 1.0 and m["examples"] == 200
+  else:
+    for color, rgb in m["mean_rgb_target"].items():  # filled targets: the palette color itself
+      np.testing.assert_allclose(rgb, sr.COLORS[color], atol=0.1)
+    assert set(m["mean_rgb_painted"]) == set(m["mean_rgb_target"])
