@@ -6,9 +6,10 @@ pipeline, a jitted AdamW loop over 32 one-document rows a step, lr 4e-3 warmed u
 cosine to 0.1x) on one skill and measures it on fresh examples:
 
   position      "Where is the <color> <shape>?" about one object of a scene -> its 3 x 3 grid cell;
-                teacher-forced exact match of the whole answer on 200 fresh scenes. --objects=one puts a
-                single 10-13 px shape on a blank canvas; --objects=dataset uses the shapes/small scenes
-                (1-3 shapes of 10-23 px, sometimes a word), where the model must also pick the named shape.
+                teacher-forced exact match of the whole answer on 200 fresh scenes (--examples).
+                --objects=one puts a single 10-13 px shape on a blank canvas; --objects=dataset uses the
+                shapes/small scenes (1-3 shapes of 10-23 px, sometimes a word), where the model must also
+                pick the named shape.
   conditioning  generation documents at t = 0 (pure noise in, so only the prompt informs), x-prediction
                 MSE; reports the mean color x-hat paints for each prompt color. --targets=objects uses
                 shapes/small-style scenes of one shape (the conditional mean is ~95 % white);
@@ -52,9 +53,10 @@ def scene_tokenizer(num_scenes: int = 2000) -> tokenizer.HFTokenizer:
   for i in range(num_scenes):
     ex = sr.make_scene_example(0, "train", i, "small")
     texts += [ex["caption"], ex["prompt"], *(f"{q['question']}\n{q['answer']}" for q in ex["qa"])]
-  path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
-  bpe.train_bpe(texts, 512).save(path)
-  return tokenizer.HFTokenizer(path)
+  with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer reads the file once, at construction
+    path = os.path.join(tmp, "tokenizer.json")
+    bpe.train_bpe(texts, 512).save(path)
+    return tokenizer.HFTokenizer(path)
 
 
 def one_object_scene(rng: np.random.Generator) -> sr.Scene:
@@ -167,13 +169,13 @@ def run(args) -> dict:
   seconds = time.time() - t0
 
   if position:
-    batches = [jax.tree.map(jnp.asarray, task.batch()[0]) for _ in range(200 // ROWS + 1)]
+    batches = [jax.tree.map(jnp.asarray, task.batch()[0]) for _ in range(-(-args.examples // ROWS))]
     hits = []
     for b in batches:
       logits = model.apply({"params": params}, b, flow=False).logits
       targets, weight = jnp.roll(b["tokens"], -1, axis=-1), b["text_loss"] > 0
       hits.append(np.asarray(jnp.all((jnp.argmax(logits, -1) == targets) | ~weight, axis=-1)))
-    measured = dict(exact_match=float(np.concatenate(hits)[:200].mean()), examples=200)
+    measured = dict(exact_match=float(np.concatenate(hits)[:args.examples].mean()), examples=args.examples)
   else:
     b, colors = task.batch()
     b = jax.tree.map(jnp.asarray, b)
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--lr", type=float, default=4e-3)
   p.add_argument("--seed", type=int, default=1)
+  p.add_argument("--examples", type=int, default=200, help="fresh examples the position probe is scored on")
   p.add_argument("--model", action="append", default=[],
                  help="a model field=value over the demo's, e.g. rope=mrope (repeatable)")
   p.add_argument("--tag", default="", help="suffix of the result file")

@@ -12,7 +12,7 @@ from tuna2_jax import sequence
 
 def _args(**kw) -> argparse.Namespace:
   base = dict(probe="position", objects="dataset", targets="objects", steps=2, lr=4e-3, seed=0, model=[],
-              tag="")
+              tag="", examples=40)
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -53,7 +53,7 @@ def test_run_reports_the_measurement(monkeypatch, tok, kw):
   assert result["steps"] == 2 and result["curve"][-1]["step"] == 2
   m = result["measured"]
   if kw["probe"] == "position":
-    assert 0.0 <= m["exact_match"] <= 1.0 and m["examples"] == 200
+    assert 0.0 <= m["exact_match"] <= 1.0 and m["examples"] == 40
   else:
     for color, rgb in m["mean_rgb_target"].items():  # filled targets: the palette color itself
       np.testing.assert_allclose(rgb, sr.COLORS[color], atol=0.1)
