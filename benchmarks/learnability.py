@@ -11,9 +11,10 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
                 shapes/small scenes (1-3 shapes of 10-23 px, sometimes a word), where the model must also
                 pick the named shape.
   conditioning  generation documents at t = 0 (pure noise in, so only the prompt informs), x-prediction
-                MSE; reports the mean color x-hat paints for each prompt color. --targets=objects uses
-                shapes/small-style scenes of one shape (the conditional mean is ~95 % white);
-                --targets=filled fills the canvas with the prompt's color (the largest possible signal).
+                MSE; reports the mean color x-hat paints for each prompt color. --targets=objects draws one
+                shape (--shape_px, default 10-13) anywhere (the conditional mean is ~95 % white),
+                --targets=centered always in the middle, --targets=filled fills the canvas with the prompt's
+                color (the largest possible signal).
 
   python -m benchmarks.learnability --probe=position --objects=dataset --steps=600
   python -m benchmarks.learnability --probe=conditioning --targets=filled --steps=100
@@ -59,9 +60,11 @@ def scene_tokenizer(num_scenes: int = 2000) -> tokenizer.HFTokenizer:
     return tokenizer.HFTokenizer(path)
 
 
-def one_object_scene(rng: np.random.Generator) -> sr.Scene:
-  size = int(rng.integers(10, 14))
-  x0, y0 = (int(v) for v in rng.integers(0, CANVAS - size, 2))
+def one_object_scene(rng: np.random.Generator, sizes: tuple[int, int] = (10, 13),
+                     centered: bool = False) -> sr.Scene:
+  """One shape of a side in [sizes[0], sizes[1]] px on a blank canvas, anywhere or in its middle."""
+  size = int(rng.integers(sizes[0], sizes[1] + 1))
+  x0, y0 = ((CANVAS - size) // 2,) * 2 if centered else (int(v) for v in rng.integers(0, CANVAS - size, 2))
   shape = sr.Shape(str(rng.choice(sr.SHAPES)), str(rng.choice(list(sr.COLORS))), x0, y0, size)
   return sr.Scene(CANVAS, CANVAS, (shape,))
 
@@ -98,13 +101,13 @@ class PositionTask:
 class ConditioningTask:
   """Rows of [BOS] prompt [image to draw]; the batch also says each prompt's color."""
 
-  def __init__(self, tok, targets: str, seed: int):
-    self.tok, self.targets, self.rng = tok, targets, np.random.default_rng(seed)
+  def __init__(self, tok, targets: str, seed: int, sizes: tuple[int, int] = (10, 13)):
+    self.tok, self.targets, self.rng, self.sizes = tok, targets, np.random.default_rng(seed), sizes
 
   def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
     sp, rows, colors = self.tok.special, [], []
     for _ in range(ROWS):
-      scene = one_object_scene(self.rng)
+      scene = one_object_scene(self.rng, self.sizes, centered=self.targets == "centered")
       color = scene.objects[0].color
       image = sr.render(scene)
       if self.targets == "filled":
@@ -136,7 +139,7 @@ def run(args) -> dict:
   model = Tuna2(cfg)
   position = args.probe == "position"
   task = (PositionTask(tok, args.objects, args.seed) if position
-          else ConditioningTask(tok, args.targets, args.seed))
+          else ConditioningTask(tok, args.targets, args.seed, tuple(map(int, args.shape_px.split(",")))))
 
   def loss_fn(params, batch, key):
     if position:
@@ -194,7 +197,8 @@ def run(args) -> dict:
     measured = dict(mean_rgb_painted=painted, mean_rgb_target=target,
                     spread_painted=float(np.ptp(np.array(list(painted.values())), 0).max()),
                     spread_target=float(np.ptp(np.array(list(target.values())), 0).max()))
-  variant = args.objects if position else args.targets
+  variant = (args.objects if position else args.targets if args.targets == "filled"
+             else f"{args.targets}_{args.shape_px.replace(',', '-')}px")
   return dict(probe=args.probe, variant=variant, steps=args.steps, rows_per_step=ROWS, lr=args.lr,
               seed=args.seed, model_overrides=args.model, train_seconds=round(seconds, 1), curve=curve,
               measured=measured,
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--probe", choices=("position", "conditioning"), default="position")
   p.add_argument("--objects", choices=("one", "dataset"), default="dataset")
-  p.add_argument("--targets", choices=("objects", "filled"), default="objects")
+  p.add_argument("--targets", choices=("objects", "centered", "filled"), default="objects")
+  p.add_argument("--shape_px", default="10,13", help="LO,HI: side of the conditioning probe's shape")
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--lr", type=float, default=4e-3)
   p.add_argument("--seed", type=int, default=1)

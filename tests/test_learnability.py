@@ -11,8 +11,8 @@ from tuna2_jax import sequence
 
 
 def _args(**kw) -> argparse.Namespace:
-  base = dict(probe="position", objects="dataset", targets="objects", steps=2, lr=4e-3, seed=0, model=[],
-              tag="", examples=40)
+  base = dict(probe="position", objects="dataset", targets="objects", shape_px="10,13", steps=2, lr=4e-3,
+              seed=0, model=[], tag="", examples=40)
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -43,6 +43,16 @@ def test_filled_targets_have_the_prompts_colors(tok):
     pixels = rows["patches"][r][drawn[r]].reshape(-1, 3)
     np.testing.assert_array_equal(pixels, np.broadcast_to(sr.COLORS[color], pixels.shape))
     assert color in tok.decode(rows["tokens"][r][rows["modality"][r] == 1])
+
+
+def test_centered_targets_put_one_shape_of_the_asked_size_in_the_middle(tok):
+  rows, _ = learnability.ConditioningTask(tok, "centered", seed=0, sizes=(20, 24)).batch()
+  for r in range(learnability.ROWS):
+    drawn = (rows["image_role"][r] == 2) & (rows["modality"][r] == 3)
+    image = sequence.unpatchify(rows["patches"][r][drawn], (6, 6), 8)
+    ys, xs = np.nonzero(np.any(image != 255, axis=-1))
+    assert 20 <= xs.max() - xs.min() + 1 <= 24
+    assert abs((xs.min() + xs.max()) / 2 - 23.5) <= 1 and abs((ys.min() + ys.max()) / 2 - 23.5) <= 1
 
 
 @pytest.mark.parametrize("kw", [dict(probe="position", objects="one"),
