@@ -53,7 +53,7 @@ def scene_tokenizer(num_scenes: int = 2000) -> tokenizer.HFTokenizer:
   texts = []
   for i in range(num_scenes):
     ex = sr.make_scene_example(0, "train", i, "small")
-    texts += [ex["caption"], ex["prompt"], *(f"{q['question']}\n{q['answer']}" for q in ex["qa"])]
+    texts += bpe.example_texts(ex["caption"], ex["prompt"], ex["qa"])
   with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer reads the file once, at construction
     path = os.path.join(tmp, "tokenizer.json")
     bpe.train_bpe(texts, 512).save(path)
@@ -129,11 +129,10 @@ def t0_inputs(batch, key):
 
 
 def run(args) -> dict:
-  from configs import tuna2_demo  # noqa: PLC0415
+  from configs import common, tuna2_demo  # noqa: PLC0415
 
   c = tuna2_demo.get_config()
-  for field, value in (kv.split("=", 1) for kv in args.model):
-    c.model[field] = type(c.model[field])(value)
+  c.model.update(common.parse_arg(",".join(args.model), **c.model.to_dict()))  # typed, unknown fields named
   cfg = ModelConfig.from_dict(c.model.to_dict())
   tok = scene_tokenizer()
   model = Tuna2(cfg)

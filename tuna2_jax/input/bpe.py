@@ -35,9 +35,14 @@ def dataset_texts(dataset: str, data_dir: str, split: str = "train", limit: int 
     ex = decode.map(src[i])
     if ex is None:
       continue
-    yield from filter(None, (ex.caption, ex.prompt))
-    yield from (f"{q['question']}\n{q['answer']}" for q in ex.qa)
+    yield from example_texts(ex.caption, ex.prompt, ex.qa)
     yield from (instruction for instruction, _ in ex.edits)
+
+
+def example_texts(caption: str | None, prompt: str | None, qa: Iterable[dict]) -> Iterator[str]:
+  """One record's caption, prompt and question/answer turns, as the understanding template writes them."""
+  yield from filter(None, (caption, prompt))
+  yield from (f"{q['question']}\n{q['answer']}" for q in qa)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
