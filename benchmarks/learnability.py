@@ -9,7 +9,11 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
                 teacher-forced exact match of the whole answer on 200 fresh scenes (--examples).
                 --objects=one puts a single 10-13 px shape on a blank canvas; --objects=dataset uses the
                 shapes/small scenes (1-3 shapes of 10-23 px, sometimes a word), where the model must also
-                pick the named shape.
+                pick the named shape. --docs says what it trains on: "probe" the rows above; the trainer's
+                understanding documents (tuna2_jax.input.tasks, up to 8 turns in a random order) about
+                dataset scenes holding "position" only the scene's position question, "all" all its
+                questions and the caption, "half" one of each a step; scored then on the answer without its
+                EOS (an answer mid-document ends in a newline).
   conditioning  generation documents at t = 0 (pure noise in, so only the prompt informs), x-prediction
                 MSE; reports the mean color x-hat paints for each prompt color. --targets=objects draws one
                 shape (--shape_px, default 10-13) anywhere (the conditional mean is ~95 % white),
@@ -17,6 +21,7 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
                 color (the largest possible signal).
 
   python -m benchmarks.learnability --probe=position --objects=dataset --steps=600
+  python -m benchmarks.learnability --probe=position --docs=all --lr=1e-3
   python -m benchmarks.learnability --probe=conditioning --targets=filled --steps=100
 
 The text is tokenized by a 512-id BPE trained here on scene texts, as the demo trains its own.
@@ -31,6 +36,7 @@ import os
 import platform
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +45,13 @@ import optax
 
 from data import shapes_render as sr
 from tuna2_jax import losses, sequence
-from tuna2_jax.input import bpe, tokenizer
+from tuna2_jax.input import bpe, tasks, tokenizer
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.patch_embed import normalize_pixels
 from tuna2_jax.model.tuna2 import Tuna2
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-ROWS, SEQ_LEN, CANVAS = 32, 72, 48
+ROWS, SEQ_LEN, DOC_SEQ_LEN, CANVAS = 32, 72, 192, 48
 
 
 def scene_tokenizer(num_scenes: int = 2000) -> tokenizer.HFTokenizer:
@@ -98,6 +104,37 @@ class PositionTask:
     return sequence.stack_rows(rows), answers
 
 
+class DocumentTask(PositionTask):
+  """Trains on the trainer's understanding documents about shapes/small scenes; scored as PositionTask."""
+
+  def __init__(self, tok, docs: str, seed: int):
+    super().__init__(tok, "dataset", seed)
+    self.docs = docs
+    self.opts = tasks.TaskOptions(seq_len=DOC_SEQ_LEN, patch_size=8, max_image_patches=36, max_qa_turns=8)
+
+  def train_batch(self) -> dict[str, np.ndarray]:
+    rows = []
+    while len(rows) < ROWS:
+      self.index += 1
+      ex = sr.make_scene_example(0, "train", self.index, "small")
+      qa, caption = ex["qa"], ex["caption"]
+      if self.docs == "position" or (self.docs == "half" and len(rows) % 2 == 0):
+        qa, caption = [q for q in qa if q["kind"] == "position"], None
+        if not qa:  # every shape has a twin: nothing to ask
+          continue
+      doc = tasks.understanding_document(types.SimpleNamespace(image=ex["image"], qa=qa, caption=caption),
+                                         self.rng, self.tok, self.opts)
+      rows.append(sequence.pack_documents([doc], seq_len=DOC_SEQ_LEN, patch_size=8, special=self.tok.special))
+    return sequence.stack_rows(rows)
+
+  def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
+    rows, answers = super().batch()
+    # Score the answer alone: in the trainer's documents an answer ends in EOS only when it is the last turn.
+    eos_next = np.roll(rows["tokens"], -1, axis=-1) == self.tok.special.eos
+    rows["text_loss"] = np.where(eos_next, 0, rows["text_loss"]).astype(np.float32)
+    return rows, answers
+
+
 class ConditioningTask:
   """Rows of [BOS] prompt [image to draw]; the batch also says each prompt's color."""
 
@@ -137,8 +174,13 @@ def run(args) -> dict:
   tok = scene_tokenizer()
   model = Tuna2(cfg)
   position = args.probe == "position"
-  task = (PositionTask(tok, args.objects, args.seed) if position
-          else ConditioningTask(tok, args.targets, args.seed, tuple(map(int, args.shape_px.split(",")))))
+  if not position:
+    task = ConditioningTask(tok, args.targets, args.seed, tuple(map(int, args.shape_px.split(","))))
+  elif args.docs == "probe":
+    task = PositionTask(tok, args.objects, args.seed)
+  else:
+    task = DocumentTask(tok, args.docs, args.seed)
+  train_batch = task.train_batch if isinstance(task, DocumentTask) else lambda: task.batch()[0]
 
   def loss_fn(params, batch, key):
     if position:
@@ -149,7 +191,7 @@ def run(args) -> dict:
     out = model.apply({"params": params}, batch, pixels=z, t=t, logits=False)
     return jnp.sum(jnp.mean((out.x_pred - x) ** 2, -1) * drawn) / jnp.sum(drawn)
 
-  first = task.batch()[0]
+  first = train_batch()
   params = model.init(jax.random.key(args.seed), jax.tree.map(jnp.asarray, first))["params"]
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, min(30, args.steps // 2),
                                                          max(args.steps, 2), args.lr * 0.1),
@@ -164,7 +206,7 @@ def run(args) -> dict:
 
   t0, curve = time.time(), []
   for i in range(args.steps):
-    batch = task.batch()[0]
+    batch = train_batch()
     params, state, loss = step(params, state, jax.tree.map(jnp.asarray, batch), jax.random.key(i))
     if i % 50 == 0 or i == args.steps - 1:
       curve.append(dict(step=i + 1, loss=float(loss)))
@@ -196,8 +238,11 @@ def run(args) -> dict:
     measured = dict(mean_rgb_painted=painted, mean_rgb_target=target,
                     spread_painted=float(np.ptp(np.array(list(painted.values())), 0).max()),
                     spread_target=float(np.ptp(np.array(list(target.values())), 0).max()))
-  variant = (args.objects if position else args.targets if args.targets == "filled"
-             else f"{args.targets}_{args.shape_px.replace(',', '-')}px")
+  if position:
+    variant = args.objects if args.docs == "probe" else f"docs_{args.docs}"
+  else:
+    px = args.shape_px.replace(",", "-")
+    variant = args.targets if args.targets == "filled" else f"{args.targets}_{px}px"
   return dict(probe=args.probe, variant=variant, steps=args.steps, rows_per_step=ROWS, lr=args.lr,
               seed=args.seed, model_overrides=args.model, train_seconds=round(seconds, 1), curve=curve,
               measured=measured,
@@ -209,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--probe", choices=("position", "conditioning"), default="position")
   p.add_argument("--objects", choices=("one", "dataset"), default="dataset")
+  p.add_argument("--docs", choices=("probe", "position", "all", "half"), default="probe",
+                 help="position probe's training rows: its own, or the trainer's documents (see above)")
   p.add_argument("--targets", choices=("objects", "centered", "filled"), default="objects")
   p.add_argument("--shape_px", default="10,13", help="LO,HI: side of the conditioning probe's shape")
   p.add_argument("--steps", type=int, default=600)

@@ -11,8 +11,8 @@ from tuna2_jax import sequence
 
 
 def _args(**kw) -> argparse.Namespace:
-  base = dict(probe="position", objects="dataset", targets="objects", shape_px="10,13", steps=2, lr=4e-3,
-              seed=0, model=[], tag="", examples=40)
+  base = dict(probe="position", objects="dataset", docs="probe", targets="objects", shape_px="10,13", steps=2,
+              lr=4e-3, seed=0, model=[], tag="", examples=40)
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -55,7 +55,27 @@ def test_centered_targets_put_one_shape_of_the_asked_size_in_the_middle(tok):
     assert abs((xs.min() + xs.max()) / 2 - 23.5) <= 1 and abs((ys.min() + ys.max()) / 2 - 23.5) <= 1
 
 
-@pytest.mark.parametrize("kw", [dict(probe="position", objects="one"),
+@pytest.mark.parametrize("docs", ["position", "all", "half"])
+def test_document_rows_are_the_trainers_and_the_score_skips_eos(tok, docs):
+  task = learnability.DocumentTask(tok, docs, seed=0)
+  rows = task.train_batch()
+  assert rows["tokens"].shape == (learnability.ROWS, learnability.DOC_SEQ_LEN)
+  questions = [set(q for q in tok.decode(rows["tokens"][r][rows["modality"][r] == 1]).split("\n")
+                   if q.endswith("?")) for r in range(learnability.ROWS)]
+  asks_place = [all(q.startswith("Where is the") for q in qs) for qs in questions]
+  assert all(questions)
+  if docs == "position":
+    assert all(asks_place)
+  elif docs == "all":
+    assert not all(asks_place) and any(len(qs) > 1 for qs in questions)
+  else:
+    assert asks_place == [r % 2 == 0 for r in range(learnability.ROWS)]
+  scored, answers = task.batch()
+  for r, answer in enumerate(answers):
+    assert tok.decode(np.roll(scored["tokens"][r], -1)[scored["text_loss"][r] > 0]) == answer
+
+
+@pytest.mark.parametrize("kw", [dict(probe="position", objects="one"), dict(probe="position", docs="half"),
                                 dict(probe="conditioning", targets="filled", model=["rope=mrope"])])
 def test_run_reports_the_measurement(monkeypatch, tok, kw):
   monkeypatch.setattr(learnability, "scene_tokenizer", lambda: tok)
