@@ -12,8 +12,9 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
                 pick the named shape. --docs says what it trains on: "probe" the rows above; the trainer's
                 understanding documents (tuna2_jax.input.tasks, up to 8 turns in a random order) about
                 dataset scenes holding "position" only the scene's position question, "all" all its
-                questions and the caption, "half" one of each a step; scored then on the answer without its
-                EOS (an answer mid-document ends in a newline).
+                questions and the caption, "first" the same with the position questions first (the
+                data.qa_first_kinds option), "half" one position-only and one "all" document in turn; scored
+                then on the answer without its EOS (an answer mid-document ends in a newline).
   conditioning  generation documents at t = 0 (pure noise in, so only the prompt informs), x-prediction
                 MSE; reports the mean color x-hat paints for each prompt color. --targets=objects draws one
                 shape (--shape_px, default 10-13) anywhere (the conditional mean is ~95 % white),
@@ -110,7 +111,8 @@ class DocumentTask(PositionTask):
   def __init__(self, tok, docs: str, seed: int):
     super().__init__(tok, "dataset", seed)
     self.docs = docs
-    self.opts = tasks.TaskOptions(seq_len=DOC_SEQ_LEN, patch_size=8, max_image_patches=36, max_qa_turns=8)
+    self.opts = tasks.TaskOptions(seq_len=DOC_SEQ_LEN, patch_size=8, max_image_patches=36, max_qa_turns=8,
+                                  qa_first_kinds=("position",) if docs == "first" else ())
 
   def train_batch(self) -> dict[str, np.ndarray]:
     rows = []
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--probe", choices=("position", "conditioning"), default="position")
   p.add_argument("--objects", choices=("one", "dataset"), default="dataset")
-  p.add_argument("--docs", choices=("probe", "position", "all", "half"), default="probe",
+  p.add_argument("--docs", choices=("probe", "position", "all", "first", "half"), default="probe",
                  help="position probe's training rows: its own, or the trainer's documents (see above)")
   p.add_argument("--targets", choices=("objects", "centered", "filled"), default="objects")
   p.add_argument("--shape_px", default="10,13", help="LO,HI: side of the conditioning probe's shape")

@@ -55,19 +55,23 @@ def test_centered_targets_put_one_shape_of_the_asked_size_in_the_middle(tok):
     assert abs((xs.min() + xs.max()) / 2 - 23.5) <= 1 and abs((ys.min() + ys.max()) / 2 - 23.5) <= 1
 
 
-@pytest.mark.parametrize("docs", ["position", "all", "half"])
+@pytest.mark.parametrize("docs", ["position", "all", "first", "half"])
 def test_document_rows_are_the_trainers_and_the_score_skips_eos(tok, docs):
   task = learnability.DocumentTask(tok, docs, seed=0)
   rows = task.train_batch()
   assert rows["tokens"].shape == (learnability.ROWS, learnability.DOC_SEQ_LEN)
-  questions = [set(q for q in tok.decode(rows["tokens"][r][rows["modality"][r] == 1]).split("\n")
-                   if q.endswith("?")) for r in range(learnability.ROWS)]
+  asked = [[q for q in tok.decode(rows["tokens"][r][rows["modality"][r] == 1]).split("\n") if q.endswith("?")]
+           for r in range(learnability.ROWS)]
+  questions = [set(qs) for qs in asked]
   asks_place = [all(q.startswith("Where is the") for q in qs) for qs in questions]
   assert all(questions)
   if docs == "position":
     assert all(asks_place)
-  elif docs == "all":
+  elif docs in ("all", "first"):
     assert not all(asks_place) and any(len(qs) > 1 for qs in questions)
+    for qs in asked if docs == "first" else ():  # place questions lead, when there are any
+      places = [i for i, q in enumerate(qs) if q.startswith("Where is the")]
+      assert places == list(range(len(places))), qs
   else:
     assert asks_place == [r % 2 == 0 for r in range(learnability.ROWS)]
   scored, answers = task.batch()

@@ -49,3 +49,24 @@ def test_understanding_turns_never_follow_the_caption():
       saw_caption = True
       assert questions[-1] == tasks.CAPTION_QUESTION, questions
   assert saw_caption and len(saw_several) > 3
+
+
+def test_first_kinds_are_always_asked_right_after_the_image():
+  tok = tokenizer_from_name("byte")
+  qa = ([dict(kind="count", question=f"How many q{i}?", answer=str(i)) for i in range(4)]
+        + [dict(kind="position", question=f"Where is p{i}?", answer="top") for i in range(2)])
+  ex = Example(id="x", image=np.full((16, 16, 3), 9, np.uint8), caption="A picture.", qa=qa)
+  first = tasks.TaskOptions(seq_len=512, patch_size=8, max_qa_turns=8, qa_first_kinds=("position",))
+  anywhere = tasks.TaskOptions(seq_len=512, patch_size=8, max_qa_turns=8)
+  later = 0
+  for seed in range(40):
+    for opts in (first, anywhere):
+      doc = tasks.make_document(ex, "understand", np.random.default_rng(seed), tok, opts)
+      text = tok.decode([i for part in doc if isinstance(part, seq.Text) for i in part.ids])
+      questions = [line for line in text.split("\n") if line.endswith("?")]
+      places = [i for i, q in enumerate(questions) if q.startswith("Where")]
+      if opts is first:
+        assert places == [0, 1][:len(places)] and places, questions  # one or both, and first
+      else:
+        later += any(i > 1 for i in places)
+  assert later  # without the option they land anywhere

@@ -37,7 +37,8 @@ def task_options(config) -> tasks.TaskOptions:
       seq_len=config.data.seq_len, patch_size=config.model.patch_size,
       max_image_patches=_get(config, "max_image_patches", 256), image_mode=_get(config, "image_mode", "free"),
       bucket_aspects=tuple(_get(config, "bucket_aspects", images.DEFAULT_BUCKET_ASPECTS)),
-      cfg_drop_prob=_get(config, "cfg_drop_prob", 0.1), max_qa_turns=_get(config, "max_qa_turns", 4))
+      cfg_drop_prob=_get(config, "cfg_drop_prob", 0.1), max_qa_turns=_get(config, "max_qa_turns", 4),
+      qa_first_kinds=tuple(_get(config, "qa_first_kinds", ())))
 
 
 def task_weights(config) -> dict[str, float]:

@@ -39,6 +39,10 @@ class TaskOptions:
   bucket_aspects: tuple[float, ...] = images.DEFAULT_BUCKET_ASPECTS
   cfg_drop_prob: float = 0.1
   max_qa_turns: int = 4
+  # Question kinds asked first, right after the image. With 1-D RoPE a small model reads where a patch is
+  # from how far it lies from the question, which teaches a place only when that distance is the same each
+  # time (benchmarks/learnability.py --docs; README "The demo").
+  qa_first_kinds: tuple[str, ...] = ()
   min_image_patches: int = 4  # below this an image says too little; drop turns (or the document) instead
 
 
@@ -84,7 +88,10 @@ def understanding_document(ex: examples_lib.Example, rng: np.random.Generator, t
   turns = [(q["question"], q["answer"]) for q in ex.qa]
   if ex.caption:
     turns.append((CAPTION_QUESTION, ex.caption))
-  order = rng.permutation(len(turns))[:int(rng.integers(1, min(opts.max_qa_turns, len(turns)) + 1))]
+  order = rng.permutation(len(turns))
+  if opts.qa_first_kinds:  # stable: those kinds move to the front, before the cut, so they are always asked
+    order = sorted(order, key=lambda i: i >= len(ex.qa) or ex.qa[i].get("kind") not in opts.qa_first_kinds)
+  order = order[:int(rng.integers(1, min(opts.max_qa_turns, len(turns)) + 1))]
   if ex.caption:
     order = sorted(order, key=lambda i: i == len(turns) - 1)  # stable: the caption moves to the end
   sp = tok.special
