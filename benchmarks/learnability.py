@@ -31,6 +31,7 @@ Results: benchmarks/results/learnability_<probe>_<variant>.json, and a table on 
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -76,7 +77,18 @@ def one_object_scene(rng: np.random.Generator, sizes: tuple[int, int] = (10, 13)
   return sr.Scene(CANVAS, CANVAS, (shape,))
 
 
-class PositionTask:
+class Task(abc.ABC):
+  """A probe's data: `batch()` -> (rows, what each row asks for); `train_batch()` -> rows to train on."""
+
+  @abc.abstractmethod
+  def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rows to score and, per row, what it asks for (an answer or a color)."""
+
+  def train_batch(self) -> dict[str, np.ndarray]:
+    return self.batch()[0]
+
+
+class PositionTask(Task):
   """Rows of [BOS] [image] question answer [EOS]; the loss is on the answer."""
 
   def __init__(self, tok, objects: str, seed: int):
@@ -103,7 +115,6 @@ class PositionTask:
              sequence.Text(self.tok.encode(answer) + [sp.eos], loss=True)]
       rows.append(sequence.pack_documents([doc], seq_len=SEQ_LEN, patch_size=8, special=sp))
     return sequence.stack_rows(rows), answers
-
 
 class DocumentTask(PositionTask):
   """Trains on the trainer's understanding documents about shapes/small scenes; scored as PositionTask."""
@@ -137,7 +148,7 @@ class DocumentTask(PositionTask):
     return rows, answers
 
 
-class ConditioningTask:
+class ConditioningTask(Task):
   """Rows of [BOS] prompt [image to draw]; the batch also says each prompt's color."""
 
   def __init__(self, tok, targets: str, seed: int, sizes: tuple[int, int] = (10, 13)):
@@ -156,7 +167,6 @@ class ConditioningTask:
       rows.append(sequence.pack_documents([doc], seq_len=SEQ_LEN, patch_size=8, special=sp))
       colors.append(color)
     return sequence.stack_rows(rows), colors
-
 
 def t0_inputs(batch, key):
   """Pure noise at the drawn image's patches (t = 0), clean elsewhere; (pixels, t, targets, mask)."""
@@ -182,7 +192,6 @@ def run(args) -> dict:
     task = PositionTask(tok, args.objects, args.seed)
   else:
     task = DocumentTask(tok, args.docs, args.seed)
-  train_batch = task.train_batch if isinstance(task, DocumentTask) else lambda: task.batch()[0]
 
   def loss_fn(params, batch, key):
     if position:
@@ -193,7 +202,7 @@ def run(args) -> dict:
     out = model.apply({"params": params}, batch, pixels=z, t=t, logits=False)
     return jnp.sum(jnp.mean((out.x_pred - x) ** 2, -1) * drawn) / jnp.sum(drawn)
 
-  first = train_batch()
+  first = task.train_batch()
   params = model.init(jax.random.key(args.seed), jax.tree.map(jnp.asarray, first))["params"]
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, min(30, args.steps // 2),
                                                          max(args.steps, 2), args.lr * 0.1),
@@ -208,7 +217,7 @@ def run(args) -> dict:
 
   t0, curve = time.time(), []
   for i in range(args.steps):
-    batch = train_batch()
+    batch = task.train_batch()
     params, state, loss = step(params, state, jax.tree.map(jnp.asarray, batch), jax.random.key(i))
     if i % 50 == 0 or i == args.steps - 1:
       curve.append(dict(step=i + 1, loss=float(loss)))
