@@ -116,6 +116,7 @@ class PositionTask(Task):
       rows.append(sequence.pack_documents([doc], seq_len=SEQ_LEN, patch_size=8, special=sp))
     return sequence.stack_rows(rows), answers
 
+
 class DocumentTask(PositionTask):
   """Trains on the trainer's understanding documents about shapes/small scenes; scored as PositionTask."""
 
@@ -167,6 +168,7 @@ class ConditioningTask(Task):
       rows.append(sequence.pack_documents([doc], seq_len=SEQ_LEN, patch_size=8, special=sp))
       colors.append(color)
     return sequence.stack_rows(rows), colors
+
 
 def t0_inputs(batch, key):
   """Pure noise at the drawn image's patches (t = 0), clean elsewhere; (pixels, t, targets, mask)."""
