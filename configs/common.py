@@ -153,6 +153,7 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.data.bucket_aspects = (1.0, 7 / 9, 9 / 7, 4 / 7, 7 / 4)  # height/width of buckets (image_mode=buckets)
   c.data.max_qa_turns = 4           # question-answer turns per understanding document
   c.data.qa_first_kinds = ()        # question kinds asked first (tuna2_jax/input/tasks.py says why)
+  c.data.qa_first_prob = 1.0        # in this share of understanding documents
   c.data.packing = "best_fit"       # best_fit | first_fit (grain.experimental packers)
   c.data.packing_bins = 32          # rows packed at once; more bins = less padding, more memory
   c.data.max_skip_fraction = 0.05   # stop when more records than this are corrupt (after 100 seen)

@@ -41,6 +41,8 @@ class SceneSpec:
   min_size: int = 8             # object side in px; the largest is half the shorter canvas side
   word_prob: float = 0.4        # chance of a word on canvases at least 48 px wide
   word_grid: int = 1            # the word's ink starts on multiples of this (1 = anywhere)
+  relations: bool = True        # ask "Is the A to the left of / above the B?"
+  cells: int = 0                # > 0: each shape inside its own cell of a cells x cells grid (0 = anywhere)
 
 
 SCENES = {
@@ -51,7 +53,7 @@ SCENES = {
     # Words start on the 8-px patch grid: each word is then one pixel pattern, not 64 shifted ones, which a
     # model trained for minutes can learn to read.
     "small": SceneSpec(sides=(48,), square=True, max_objects=3, px_per_object=700, min_size=10, word_prob=0.5,
-                       word_grid=8),
+                       word_grid=8, cells=3, relations=False),
 }
 
 
@@ -136,14 +138,23 @@ def _overlaps(box, boxes) -> bool:
 
 
 def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken: list,
-           min_size: int = 8) -> Shape | None:
+           min_size: int = 8, cells: int = 0) -> Shape | None:
   """A non-overlapping shape of random size, or None after a few tries."""
-  hi = max(min_size + 1, min(scene.width, scene.height) // 2)
-  lo = min(min_size, hi - 1)
+  if cells:  # inside one cell, 1 px in from its sides: neighbours in adjacent cells stay GAP apart
+    cw, ch = scene.width // cells, scene.height // cells
+    hi, lo = min(cw, ch) - GAP + 1, min_size
+  else:
+    hi = max(min_size + 1, min(scene.width, scene.height) // 2)
+    lo = min(min_size, hi - 1)
   for _ in range(30):
     size = int(rng.integers(lo, hi))
-    x0 = int(rng.integers(0, scene.width - size + 1))
-    y0 = int(rng.integers(0, scene.height - size + 1))
+    if cells:
+      col, row = (int(v) for v in rng.integers(0, cells, 2))
+      x0 = col * cw + GAP // 2 + int(rng.integers(0, cw - GAP - size + 1))
+      y0 = row * ch + GAP // 2 + int(rng.integers(0, ch - GAP - size + 1))
+    else:
+      x0 = int(rng.integers(0, scene.width - size + 1))
+      y0 = int(rng.integers(0, scene.height - size + 1))
     o = Shape(shape, color, x0, y0, size)
     if not _overlaps(o.bbox, taken):
       return o
@@ -173,7 +184,8 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec = SCENES["full"]) -> 
   objects = []
 
   def new_object(taken: list) -> Shape | None:
-    return _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec.min_size)
+    return _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec.min_size,
+                  spec.cells)
 
   for _ in range(int(rng.integers(1, max_n + 1))):
     o = new_object(taken)
@@ -208,7 +220,7 @@ def prompt(scene: Scene) -> str:
   return f"Draw {describe(scene)} on a white background."
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+def questions(scene: Scene, rng: np.random.Generator, relations: bool = True) -> list[dict[str, str]]:
   """Counting, color, position, relation and reading questions with answers from the scene itself."""
   objs, qa = scene.objects, []
   shape = str(rng.choice(SHAPES))  # may be absent: "zero" is a valid count
@@ -228,7 +240,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
   if unique:
     o = unique[int(rng.integers(len(unique)))]
     qa.append(dict(kind="position", question=f"Where is the {o.name()}?", answer=scene.position(o)))
-  if len(unique) >= 2:
+  if relations and len(unique) >= 2:
     a, b = (unique[i] for i in rng.choice(len(unique), 2, replace=False))
     ax, bx = (a.bbox[0] + a.bbox[2]) / 2, (b.bbox[0] + b.bbox[2]) / 2
     ay, by = (a.bbox[1] + a.bbox[3]) / 2, (b.bbox[1] + b.bbox[3]) / 2
@@ -244,7 +256,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
   return qa
 
 
-def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: int = 8
+def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: int = 8, cells: int = 0
           ) -> list[tuple[str, Scene]]:
   """Up to `max_edits` (instruction, edited scene) pairs: recolor, remove or add one object."""
   names = [o.name() for o in scene.objects]
@@ -265,7 +277,7 @@ def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: 
         out.append((f"Remove the {o.name()}.", dataclasses.replace(scene, objects=objs)))
     elif kind == "add":
       taken = [o.bbox for o in scene.objects] + ([scene.word_bbox()] if scene.word else [])
-      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, min_size)
+      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, min_size, cells)
       if o is not None:
         new_scene = dataclasses.replace(scene, objects=scene.objects + (o,))
         where = new_scene.position(o)
@@ -285,7 +297,7 @@ def make_scene_example(seed: int, split: str, index: int, scenes: str = "full") 
   scene = sample_scene(rng, spec)
   return dict(
       id=f"shapes/{split}/{index}", image=render(scene), caption=caption(scene), prompt=prompt(scene),
-      qa=questions(scene, rng),
+      qa=questions(scene, rng, spec.relations),
       edits=[dict(instruction=text, image=render(s))
-             for text, s in edits(scene, rng, min_size=spec.min_size)],
+             for text, s in edits(scene, rng, min_size=spec.min_size, cells=spec.cells)],
       meta=scene.meta())

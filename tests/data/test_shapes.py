@@ -129,7 +129,7 @@ def test_parallel_write_equals_serial(tmp_path):
 
 
 def test_small_scenes_are_square_and_answers_match_pixels():
-  counts = set()
+  counts, kinds = set(), set()
   for i in range(150):
     ex = shapes_render.make_scene_example(11, "train", i, scenes="small")
     assert ex["image"].shape == (48, 48, 3)
@@ -137,7 +137,22 @@ def test_small_scenes_are_square_and_answers_match_pixels():
     assert 1 <= n <= 3 and all(o["bbox"][2] - o["bbox"][0] + 1 >= 10 for o in ex["meta"]["objects"])
     counts.add(n)
     _check_against_pixels(ex["image"], ex["meta"], [(q["question"], q["answer"]) for q in ex["qa"]])
+    kinds.update(q["kind"] for q in ex["qa"])
+    # Each shape lies inside its own 16-px cell of the 3 x 3 grid, the cell its position answer names.
+    cells = [(o["bbox"][0] // 16, o["bbox"][1] // 16, o["bbox"][2] // 16, o["bbox"][3] // 16, o["position"])
+             for o in ex["meta"]["objects"]]
+    assert all(x0 == x1 and y0 == y1 for x0, y0, x1, y1, _ in cells), cells
+    assert len({c[:2] for c in cells}) == n
+    names = [["top left", "top", "top right"], ["left", "center", "right"],
+             ["bottom left", "bottom", "bottom right"]]
+    assert all(names[y][x] == where for x, y, _, _, where in cells), cells
+    for e in ex["edits"]:
+      added = np.argwhere((e["image"] != ex["image"]).any(-1))
+      assert len({(y // 16, x // 16) for y, x in added}) <= 1  # an edit touches one cell only
   assert counts == {1, 2, 3}
+  assert kinds == {"count", "color", "position", "ocr"}  # no relation questions in the demo's scenes
+  full = {q["kind"] for i in range(30) for q in shapes_render.make_scene_example(11, "train", i)["qa"]}
+  assert "relation" in full
   with pytest.raises(ValueError, match="scenes='huge'"):
     shapes_render.make_scene_example(0, "train", 0, scenes="huge")
 

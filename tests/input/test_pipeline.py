@@ -175,3 +175,11 @@ def test_mixture_with_a_generic_image_text_source(debug_config, shapes_dir):
               patch_size=c.model.patch_size, special=tok.special)
   text = "".join(tok.decode(row) for row in batch["tokens"])
   assert "gray level" in text and ("shape" in text or "Draw" in text)
+
+
+@pytest.mark.parametrize("field", ["cfg_drop_prob", "qa_first_prob"])
+def test_probabilities_outside_unit_interval_name_the_field(debug_config, field):
+  c = debug_config.copy_and_resolve_references()
+  c.data[field] = 1.5
+  with pytest.raises(ValueError, match=f"data.{field}=1.5 must be in"):
+    pipeline.validate_data_config(c)

@@ -70,3 +70,25 @@ def test_first_kinds_are_always_asked_right_after_the_image():
       else:
         later += any(i > 1 for i in places)
   assert later  # without the option they land anywhere
+
+
+def test_first_kinds_in_a_share_of_documents():
+  """qa_first_prob p: a place comes first in p of the documents plus (1 - p) of the random-order rate."""
+  tok = tokenizer_from_name("byte")
+  qa = ([dict(kind="count", question=f"How many q{i}?", answer=str(i)) for i in range(4)]
+        + [dict(kind="position", question="Where is p?", answer="top")])
+  ex = Example(id="x", image=np.full((16, 16, 3), 9, np.uint8), caption="A picture.", qa=qa)
+
+  def place_first_rate(**kw) -> float:
+    opts = tasks.TaskOptions(seq_len=512, patch_size=8, max_qa_turns=8, **kw)
+    hits = 0
+    for seed in range(600):
+      doc = tasks.make_document(ex, "understand", np.random.default_rng(seed), tok, opts)
+      hits += tok.decode(list(doc[2].ids)).startswith("Where")
+    return hits / 600
+
+  anywhere = place_first_rate()
+  assert 0.1 < anywhere < 0.3  # one of 6 turns (the caption never first unless alone)
+  half = place_first_rate(qa_first_kinds=("position",), qa_first_prob=0.5)
+  assert abs(half - (0.5 + 0.5 * anywhere)) < 0.07, (half, anywhere)
+  assert place_first_rate(qa_first_kinds=("position",), qa_first_prob=1.0) == 1.0

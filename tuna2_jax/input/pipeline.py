@@ -38,7 +38,8 @@ def task_options(config) -> tasks.TaskOptions:
       max_image_patches=_get(config, "max_image_patches", 256), image_mode=_get(config, "image_mode", "free"),
       bucket_aspects=tuple(_get(config, "bucket_aspects", images.DEFAULT_BUCKET_ASPECTS)),
       cfg_drop_prob=_get(config, "cfg_drop_prob", 0.1), max_qa_turns=_get(config, "max_qa_turns", 4),
-      qa_first_kinds=tuple(_get(config, "qa_first_kinds", ())))
+      qa_first_kinds=tuple(_get(config, "qa_first_kinds", ())),
+      qa_first_prob=float(_get(config, "qa_first_prob", 1.0)))
 
 
 def task_weights(config) -> dict[str, float]:
@@ -74,8 +75,9 @@ def validate_data_config(config, process_count: int = 1) -> None:
                      f"{process_count} processes")
   if d.seq_len < 16:
     raise ValueError(f"data.seq_len={d.seq_len} is too short for an image document (>= 16)")
-  if not 0 <= _get(config, "cfg_drop_prob", 0.1) <= 1:
-    raise ValueError(f"data.cfg_drop_prob={d.cfg_drop_prob} must be in [0, 1]")
+  for field, default in (("cfg_drop_prob", 0.1), ("qa_first_prob", 1.0)):
+    if not 0 <= _get(config, field, default) <= 1:
+      raise ValueError(f"data.{field}={d[field]} must be in [0, 1]")
   if d.num_workers < 0:
     raise ValueError(f"data.num_workers={d.num_workers} must be >= 0")
   task_weights(config)

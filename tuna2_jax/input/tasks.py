@@ -43,6 +43,7 @@ class TaskOptions:
   # from how far it lies from the question, which teaches a place only when that distance is the same each
   # time (benchmarks/learnability.py --docs; README "The demo").
   qa_first_kinds: tuple[str, ...] = ()
+  qa_first_prob: float = 1.0  # the share of documents that put qa_first_kinds first (the rest: random order)
   min_image_patches: int = 4  # below this an image says too little; drop turns (or the document) instead
 
 
@@ -89,7 +90,8 @@ def understanding_document(ex: examples_lib.Example, rng: np.random.Generator, t
   if ex.caption:
     turns.append((CAPTION_QUESTION, ex.caption))
   order = rng.permutation(len(turns))
-  if opts.qa_first_kinds:  # stable: those kinds move to the front, before the cut, so they are always asked
+  # Stable: those kinds move to the front, before the cut, so they are always asked.
+  if opts.qa_first_kinds and rng.random() < opts.qa_first_prob:
     order = sorted(order, key=lambda i: i >= len(ex.qa) or ex.qa[i].get("kind") not in opts.qa_first_kinds)
   order = order[:int(rng.integers(1, min(opts.max_qa_turns, len(turns)) + 1))]
   if ex.caption:
