@@ -8,13 +8,14 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
   position      "Where is the <color> <shape>?" about one object of a scene -> its 3 x 3 grid cell;
                 teacher-forced exact match of the whole answer on 200 fresh scenes (--examples).
                 --objects=one puts a single 10-13 px shape on a blank canvas; --objects=dataset uses the
-                shapes/small scenes (1-3 shapes of 10-23 px, sometimes a word), where the model must also
-                pick the named shape. --docs says what it trains on: "probe" the rows above; the trainer's
-                understanding documents (tuna2_jax.input.tasks, up to 8 turns in a random order) about
-                dataset scenes holding "position" only the scene's position question, "all" all its
-                questions and the caption, "first" the same with the position questions first (the
-                data.qa_first_kinds option), "half" one position-only and one "all" document in turn; scored
-                then on the answer without its EOS (an answer mid-document ends in a newline).
+                shapes/small scenes (1-3 shapes of 10-14 px, each in its own cell of the 3 x 3 grid,
+                sometimes a word; results recorded before those scenes used 10-23 px shapes anywhere), where
+                the model must also pick the named shape. --docs says what it trains on: "probe" the rows
+                above; the trainer's understanding documents (tuna2_jax.input.tasks, up to 8 turns in a
+                random order) about dataset scenes holding "position" only the scene's position question,
+                "all" all its questions and the caption, "first" the same with the position questions first
+                (the data.qa_first_kinds option), "half" one position-only and one "all" document in turn;
+                scored then on the answer without its EOS (an answer mid-document ends in a newline).
   conditioning  generation documents at t = 0 (pure noise in, so only the prompt informs), x-prediction
                 MSE; reports the mean color x-hat paints for each prompt color. --targets=objects draws one
                 shape (--shape_px, default 10-13) anywhere (the conditional mean is ~95 % white),

@@ -7,8 +7,8 @@
 Each record is a scene of colored shapes (and sometimes a word) with a caption, counting / color / position /
 relation / reading questions, a generation prompt and up to two edits (see data/shapes_render.py). Two builder
 configs, named after shapes_render.SCENES: `full` (the default; 1-6 shapes on canvases of 32-128 px a side,
-any aspect ratio) and `small` (1-3 shapes on 48 x 48 canvases, the demo's). Splits draw from disjoint seed
-streams: (seed, split code, index).
+any aspect ratio) and `small` (1-3 shapes on 48 x 48 canvases, one per grid cell, the demo's). Splits draw
+from disjoint seed streams: (seed, split code, index).
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class TunaShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes scenes; sizes and seed are constructor arguments (they do not change the schema)."""
 
-  VERSION = tfds.core.Version(schema.VERSION)
+  # A new version whenever a preset draws other scenes, so data built by older code is not reused.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "small: each shape inside its own cell of the 3 x 3 grid; no relation questions"}
   BUILDER_CONFIGS = [  # the first is the default ("tuna_shapes" = "tuna_shapes/full")
       ShapesConfig(name="full", description="1-6 shapes, 32-128 px canvases of any aspect ratio"),
-      ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases (the demo's)"),
+      ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases, one per grid cell (demo)"),
   ]
   code_path = schema.CODE_PATH
 
