@@ -2,8 +2,8 @@
 
 What changed from tuna2_tiny and why (each measured against the 10-minute budget; README "The demo"):
   - the `shapes/small` scenes (48 x 48 px, 1-3 shapes each inside its own cell of the 3 x 3 position grid,
-    words on the 8-px grid, no left-of / above questions): 36 patches of 8 px an image, rows of 256 tokens,
-    8 rows a step: ~2K tokens a step, ~1400 steps in the budget;
+    a word on the 8-px grid in 80 % of them, no left-of / above questions): 36 patches of 8 px an image, rows
+    of 256 tokens, 8 rows a step: ~2K tokens a step, ~1400 steps in the budget;
   - a 512-id byte-level BPE trained on the dataset's text (tuna2_jax.input.bpe; the demo writes it next to
     the data): texts ~4x shorter than bytes, every answer one or two tokens;
   - a scene's questions in one understanding document (max_qa_turns 8), the caption last; half of the

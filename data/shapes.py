@@ -38,7 +38,7 @@ class TunaShapes(tfds.core.GeneratorBasedBuilder):
 
   # A new version whenever a preset draws other scenes, so data built by older code is not reused.
   VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "small: each shape inside its own cell of the 3 x 3 grid; no relation questions"}
+  RELEASE_NOTES = {"1.1.0": "small: one shape per grid cell, a word in 80 % of scenes, no relation questions"}
   BUILDER_CONFIGS = [  # the first is the default ("tuna_shapes" = "tuna_shapes/full")
       ShapesConfig(name="full", description="1-6 shapes, 32-128 px canvases of any aspect ratio"),
       ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases, one per grid cell (demo)"),
