@@ -144,10 +144,10 @@ def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken
   """A non-overlapping shape of random size, or None after a few tries."""
   if cells:  # inside one cell, 1 px in from its sides: neighbours in adjacent cells stay GAP apart
     cw, ch = scene.width // cells, scene.height // cells
-    hi, lo = min(cw, ch) - GAP + 1, min_size
+    hi = min(cw, ch) - GAP + 1
   else:
     hi = max(min_size + 1, min(scene.width, scene.height) // 2)
-    lo = min(min_size, hi - 1)
+  lo = min(min_size, hi - 1)
   for _ in range(30):
     size = int(rng.integers(lo, hi))
     if cells:
