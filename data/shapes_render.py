@@ -140,8 +140,9 @@ def _overlaps(box, boxes) -> bool:
 
 
 def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken: list,
-           min_size: int = 8, cells: int = 0) -> Shape | None:
-  """A non-overlapping shape of random size, or None after a few tries."""
+           spec: SceneSpec) -> Shape | None:
+  """A non-overlapping shape of random size (spec.min_size, spec.cells), or None after a few tries."""
+  min_size, cells = spec.min_size, spec.cells
   if cells:  # inside one cell, 1 px in from its sides: neighbours in adjacent cells stay GAP apart
     cw, ch = scene.width // cells, scene.height // cells
     hi = min(cw, ch) - GAP + 1
@@ -186,8 +187,7 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec = SCENES["full"]) -> 
   objects = []
 
   def new_object(taken: list) -> Shape | None:
-    return _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec.min_size,
-                  spec.cells)
+    return _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec)
 
   for _ in range(int(rng.integers(1, max_n + 1))):
     o = new_object(taken)
@@ -258,7 +258,7 @@ def questions(scene: Scene, rng: np.random.Generator, relations: bool = True) ->
   return qa
 
 
-def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: int = 8, cells: int = 0
+def edits(scene: Scene, rng: np.random.Generator, spec: SceneSpec, max_edits: int = 2
           ) -> list[tuple[str, Scene]]:
   """Up to `max_edits` (instruction, edited scene) pairs: recolor, remove or add one object."""
   names = [o.name() for o in scene.objects]
@@ -279,7 +279,7 @@ def edits(scene: Scene, rng: np.random.Generator, max_edits: int = 2, min_size: 
         out.append((f"Remove the {o.name()}.", dataclasses.replace(scene, objects=objs)))
     elif kind == "add":
       taken = [o.bbox for o in scene.objects] + ([scene.word_bbox()] if scene.word else [])
-      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, min_size, cells)
+      o = _place(rng, scene, str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), taken, spec)
       if o is not None:
         new_scene = dataclasses.replace(scene, objects=scene.objects + (o,))
         where = new_scene.position(o)
@@ -301,5 +301,5 @@ def make_scene_example(seed: int, split: str, index: int, scenes: str = "full") 
       id=f"shapes/{split}/{index}", image=render(scene), caption=caption(scene), prompt=prompt(scene),
       qa=questions(scene, rng, spec.relations),
       edits=[dict(instruction=text, image=render(s))
-             for text, s in edits(scene, rng, min_size=spec.min_size, cells=spec.cells)],
+             for text, s in edits(scene, rng, spec)],
       meta=scene.meta())
