@@ -20,11 +20,14 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
                 MSE; reports the mean color x-hat paints for each prompt color. --targets=objects draws one
                 shape (--shape_px, default 10-13) anywhere (the conditional mean is ~95 % white),
                 --targets=centered always in the middle, --targets=filled fills the canvas with the prompt's
-                color (the largest possible signal).
+                color (the largest possible signal), --targets=cell fills the one cell of the 3 x 3 grid that
+                the prompt names (the place alone, with a large signal); for objects and cell it also
+                reports place_accuracy: how often x-hat inks the named cell most (chance 1/9).
 
   python -m benchmarks.learnability --probe=position --objects=dataset --steps=600
   python -m benchmarks.learnability --probe=position --docs=all --lr=1e-3
   python -m benchmarks.learnability --probe=conditioning --targets=filled --steps=100
+  python -m benchmarks.learnability --probe=conditioning --targets=cell --steps=300
 
 The text is tokenized by a 512-id BPE trained here on scene texts, as the demo trains its own.
 Results: benchmarks/results/learnability_<probe>_<variant>.json, and a table on stdout.
@@ -47,7 +50,7 @@ import numpy as np
 import optax
 
 from data import shapes_render as sr
-from tuna2_jax import losses, sequence
+from tuna2_jax import losses, scoring, sequence
 from tuna2_jax.input import bpe, tasks, tokenizer
 from tuna2_jax.model.config import ModelConfig
 from tuna2_jax.model.patch_embed import normalize_pixels
@@ -82,8 +85,8 @@ class Task(abc.ABC):
   """A probe's data: `batch()` -> (rows, what each row asks for); `train_batch()` -> rows to train on."""
 
   @abc.abstractmethod
-  def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Rows to score and, per row, what it asks for (an answer or a color)."""
+  def batch(self) -> tuple[dict[str, np.ndarray], list]:
+    """Rows to score and, per row, what it asks for (an answer, or a color and a grid cell)."""
 
   def train_batch(self) -> dict[str, np.ndarray]:
     return self.batch()[0]
@@ -151,24 +154,39 @@ class DocumentTask(PositionTask):
 
 
 class ConditioningTask(Task):
-  """Rows of [BOS] prompt [image to draw]; the batch also says each prompt's color."""
+  """Rows of [BOS] prompt [image to draw]; per row, the prompt's color and the (row, col) of its place."""
 
   def __init__(self, tok, targets: str, seed: int, sizes: tuple[int, int] = (10, 13)):
     self.tok, self.targets, self.rng, self.sizes = tok, targets, np.random.default_rng(seed), sizes
 
-  def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
-    sp, rows, colors = self.tok.special, [], []
+  def batch(self) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, int]]]]:
+    sp, rows, labels = self.tok.special, [], []
     for _ in range(ROWS):
       scene = one_object_scene(self.rng, self.sizes, centered=self.targets == "centered")
       color = scene.objects[0].color
+      cell = divmod(scoring.POSITIONS.index(scene.position(scene.objects[0])), 3)
       image = sr.render(scene)
       if self.targets == "filled":
         image = np.broadcast_to(np.array(sr.COLORS[color], np.uint8), image.shape).copy()
+      elif self.targets == "cell":
+        image = np.broadcast_to(np.array(sr.BACKGROUND, np.uint8), image.shape).copy()
+        side = CANVAS // 3
+        image[cell[0] * side:(cell[0] + 1) * side, cell[1] * side:(cell[1] + 1) * side] = sr.COLORS[color]
       doc = [sequence.Text([sp.bos, *self.tok.encode(sr.prompt(scene))], loss=False),
              sequence.Image(image, "generate")]
       rows.append(sequence.pack_documents([doc], seq_len=SEQ_LEN, patch_size=8, special=sp))
-      colors.append(color)
-    return sequence.stack_rows(rows), colors
+      labels.append((color, cell))
+    return sequence.stack_rows(rows), labels
+
+
+def place_accuracy(x_hat: np.ndarray, drawn: np.ndarray, cells: list[tuple[int, int]]) -> float:
+  """How often the named cell holds the most ink (mean distance from white) of the 3 x 3 cells of x-hat."""
+  side, hits = CANVAS // 3, []
+  for values, mask, cell in zip(x_hat, drawn, cells, strict=True):
+    image = sequence.unpatchify(values[mask], (CANVAS // 8, CANVAS // 8), 8)  # [-1, 1], white = 1
+    ink = (1.0 - image).reshape(3, side, 3, side, 3).mean(axis=(1, 3, 4))
+    hits.append(np.unravel_index(np.argmax(ink), ink.shape) == cell)
+  return float(np.mean(hits))
 
 
 def t0_inputs(batch, key):
@@ -235,7 +253,8 @@ def run(args) -> dict:
       hits.append(np.asarray(jnp.all((jnp.argmax(logits, -1) == targets) | ~weight, axis=-1)))
     measured = dict(exact_match=float(np.concatenate(hits)[:args.examples].mean()), examples=args.examples)
   else:
-    b, colors = task.batch()
+    b, labels = task.batch()
+    colors = [color for color, _ in labels]
     b = jax.tree.map(jnp.asarray, b)
     z, t, x, drawn = t0_inputs(b, jax.random.key(10_000))
     x_hat = np.asarray(model.apply({"params": params}, b, pixels=z, t=t, logits=False).x_pred)
@@ -252,11 +271,13 @@ def run(args) -> dict:
     measured = dict(mean_rgb_painted=painted, mean_rgb_target=target,
                     spread_painted=float(np.ptp(np.array(list(painted.values())), 0).max()),
                     spread_target=float(np.ptp(np.array(list(target.values())), 0).max()))
+    if args.targets in ("objects", "cell"):
+      measured["place_accuracy"] = place_accuracy(x_hat, drawn, [cell for _, cell in labels])
   if position:
     variant = args.objects if args.docs == "probe" else f"docs_{args.docs}"
   else:
     px = args.shape_px.replace(",", "-")
-    variant = args.targets if args.targets == "filled" else f"{args.targets}_{px}px"
+    variant = args.targets if args.targets in ("filled", "cell") else f"{args.targets}_{px}px"
   return dict(probe=args.probe, variant=variant, steps=args.steps, rows_per_step=ROWS, lr=args.lr,
               seed=args.seed, model_overrides=args.model, train_seconds=round(seconds, 1), curve=curve,
               measured=measured,
@@ -270,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--objects", choices=("one", "dataset"), default="dataset")
   p.add_argument("--docs", choices=("probe", "position", "all", "first", "half"), default="probe",
                  help="position probe's training rows: its own, or the trainer's documents (see above)")
-  p.add_argument("--targets", choices=("objects", "centered", "filled"), default="objects")
+  p.add_argument("--targets", choices=("objects", "centered", "filled", "cell"), default="objects")
   p.add_argument("--shape_px", default="10,13", help="LO,HI: side of the conditioning probe's shape")
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--lr", type=float, default=4e-3)

@@ -37,12 +37,36 @@ def test_position_rows_ask_about_a_named_object_and_train_on_its_place(tok):
 
 
 def test_filled_targets_have_the_prompts_colors(tok):
-  rows, colors = learnability.ConditioningTask(tok, "filled", seed=0).batch()
+  rows, labels = learnability.ConditioningTask(tok, "filled", seed=0).batch()
   drawn = (rows["image_role"] == 2) & (rows["modality"] == 3)
-  for r, color in enumerate(colors):
+  for r, (color, _) in enumerate(labels):
     pixels = rows["patches"][r][drawn[r]].reshape(-1, 3)
     np.testing.assert_array_equal(pixels, np.broadcast_to(sr.COLORS[color], pixels.shape))
     assert color in tok.decode(rows["tokens"][r][rows["modality"][r] == 1])
+
+
+def test_cell_targets_fill_the_cell_the_prompt_names(tok):
+  rows, labels = learnability.ConditioningTask(tok, "cell", seed=0).batch()
+  names = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
+           (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
+  for r, (color, (row, col)) in enumerate(labels):
+    drawn = (rows["image_role"][r] == 2) & (rows["modality"][r] == 3)
+    image = sequence.unpatchify(rows["patches"][r][drawn], (6, 6), 8)
+    ys, xs = np.nonzero(np.any(image != 255, axis=-1))
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (16 * row, 16 * row + 15, 16 * col, 16 * col + 15)
+    np.testing.assert_array_equal(image[ys.min(), xs.min()], sr.COLORS[color])
+    prompt = tok.decode(rows["tokens"][r][rows["modality"][r] == 1])
+    assert f"{color} " in prompt and f" the {names[row, col]} on" in prompt, prompt
+
+
+def test_place_accuracy_finds_the_darkest_cell():
+  x_hat = np.ones((2, 36, 192), np.float32)  # white canvases
+  image = np.ones((48, 48, 3), np.float32)
+  image[32:40, 0:8] = -1.0  # ink in cell (2, 0)
+  x_hat[0] = sequence.patchify(image, 8)
+  x_hat[1] = x_hat[0]
+  drawn = np.ones((2, 36), bool)
+  assert learnability.place_accuracy(x_hat, drawn, [(2, 0), (0, 2)]) == 0.5
 
 
 def test_centered_targets_put_one_shape_of_the_asked_size_in_the_middle(tok):
@@ -79,7 +103,8 @@ def test_document_rows_are_the_trainers_and_the_score_skips_eos(tok, docs):
 
 
 @pytest.mark.parametrize("kw", [dict(probe="position", objects="one"), dict(probe="position", docs="half"),
-                                dict(probe="conditioning", targets="filled", model=["rope=mrope"])])
+                                dict(probe="conditioning", targets="filled", model=["rope=mrope"]),
+                                dict(probe="conditioning", targets="cell")])
 def test_run_reports_the_measurement(monkeypatch, tok, kw):
   monkeypatch.setattr(learnability, "scene_tokenizer", lambda: tok)
   result = learnability.run(_args(**kw))
@@ -87,7 +112,11 @@ def test_run_reports_the_measurement(monkeypatch, tok, kw):
   m = result["measured"]
   if kw["probe"] == "position":
     assert 0.0 <= m["exact_match"] <= 1.0 and m["examples"] == 40
-  else:
+  elif kw["targets"] == "filled":
     for color, rgb in m["mean_rgb_target"].items():  # filled targets: the palette color itself
       np.testing.assert_allclose(rgb, sr.COLORS[color], atol=0.1)
-    assert set(m["mean_rgb_painted"]) == set(m["mean_rgb_target"])
+    assert set(m["mean_rgb_painted"]) == set(m["mean_rgb_target"]) and "place_accuracy" not in m
+  else:  # one cell of nine in the color: the target mean is 1/9 of the way from white to it
+    for color, rgb in m["mean_rgb_target"].items():
+      np.testing.assert_allclose(rgb, (8 * np.array(sr.BACKGROUND) + sr.COLORS[color]) / 9, atol=0.1)
+    assert 0.0 <= m["place_accuracy"] <= 1.0
