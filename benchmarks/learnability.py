@@ -27,7 +27,7 @@ cosine to 0.1x) on one skill and measures it on fresh examples:
   python -m benchmarks.learnability --probe=position --objects=dataset --steps=600
   python -m benchmarks.learnability --probe=position --docs=all --lr=1e-3
   python -m benchmarks.learnability --probe=conditioning --targets=filled --steps=100
-  python -m benchmarks.learnability --probe=conditioning --targets=cell --steps=300
+  python -m benchmarks.learnability --probe=conditioning --targets=cell --steps=600
 
 The text is tokenized by a 512-id BPE trained here on scene texts, as the demo trains its own.
 Results: benchmarks/results/learnability_<probe>_<variant>.json, and a table on stdout.
