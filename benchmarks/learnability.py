@@ -167,9 +167,9 @@ class ConditioningTask(Task):
       cell = divmod(scoring.POSITIONS.index(scene.position(scene.objects[0])), 3)
       image = sr.render(scene)
       if self.targets == "filled":
-        image = np.broadcast_to(np.array(sr.COLORS[color], np.uint8), image.shape).copy()
+        image = np.full(image.shape, sr.COLORS[color], np.uint8)
       elif self.targets == "cell":
-        image = np.broadcast_to(np.array(sr.BACKGROUND, np.uint8), image.shape).copy()
+        image = np.full(image.shape, sr.BACKGROUND, np.uint8)
         side = CANVAS // 3
         image[cell[0] * side:(cell[0] + 1) * side, cell[1] * side:(cell[1] + 1) * side] = sr.COLORS[color]
       doc = [sequence.Text([sp.bos, *self.tok.encode(sr.prompt(scene))], loss=False),
