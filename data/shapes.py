@@ -5,10 +5,11 @@
   python -m data.shapes --config=small ...   ->   tfds.data_source("tuna_shapes/small", ...)
 
 Each record is a scene of colored shapes (and sometimes a word) with a caption, counting / color / position /
-relation / reading questions, a generation prompt and up to two edits (see data/shapes_render.py). Two builder
-configs, named after shapes_render.SCENES: `full` (the default; 1-6 shapes on canvases of 32-128 px a side,
-any aspect ratio) and `small` (1-3 shapes on 48 x 48 canvases, one per grid cell, the demo's). Splits draw
-from disjoint seed streams: (seed, split code, index).
+relation / reading questions, a generation prompt and up to two edits (see data/shapes_render.py). Three
+builder configs, named after shapes_render.SCENES: `full` (the default; 1-6 shapes on canvases of 32-128 px a
+side, any aspect ratio), `small` (1-3 shapes on 48 x 48 canvases, one per grid cell, the demo's scenes) and
+`draw` (one shape in the middle of 48 x 48, the demo's drawings). Splits draw from disjoint seed streams:
+(seed, split code, index).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TunaShapes(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [  # the first is the default ("tuna_shapes" = "tuna_shapes/full")
       ShapesConfig(name="full", description="1-6 shapes, 32-128 px canvases of any aspect ratio"),
       ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases, one per grid cell (demo)"),
+      ShapesConfig(name="draw", description="one shape in the middle of a 48 x 48 canvas (demo drawings)"),
   ]
   code_path = schema.CODE_PATH
 

@@ -43,6 +43,7 @@ class SceneSpec:
   word_grid: int = 1            # the word's ink starts on multiples of this (1 = anywhere)
   relations: bool = True        # ask "Is the A to the left of / above the B?"
   cells: int = 0                # > 0: each shape inside its own cell of a cells x cells grid (0 = anywhere)
+  centered: bool = False        # the shape's box centered on the canvas (with max_objects=1: drawings)
 
 
 SCENES = {
@@ -56,6 +57,11 @@ SCENES = {
     # more seeds. No left-of / above questions: the demo's model stays at chance on them (README "The demo").
     "small": SceneSpec(sides=(48,), square=True, max_objects=3, px_per_object=700, min_size=10, word_prob=0.8,
                        word_grid=8, cells=3, relations=False),
+    # One shape of 14-23 px in the middle of a 48 x 48 canvas, no word: the prompts ("Draw a red circle in
+    # the center on a white background.") a model trained for ten minutes learns to draw (the demo's
+    # generation data; README "The demo" has what it could not learn from the scenes of "small").
+    "draw": SceneSpec(sides=(48,), square=True, max_objects=1, min_size=14, word_prob=0.0, relations=False,
+                      centered=True),
 }
 
 
@@ -151,7 +157,9 @@ def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken
   lo = min(min_size, hi - 1)
   for _ in range(30):
     size = int(rng.integers(lo, hi))
-    if cells:
+    if spec.centered:
+      x0, y0 = (scene.width - size) // 2, (scene.height - size) // 2
+    elif cells:
       col, row = (int(v) for v in rng.integers(0, cells, 2))
       x0 = col * cw + GAP // 2 + int(rng.integers(0, cw - GAP - size + 1))
       y0 = row * ch + GAP // 2 + int(rng.integers(0, ch - GAP - size + 1))

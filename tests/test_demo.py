@@ -26,6 +26,8 @@ def test_short_demo_end_to_end(tmp_path):
   for kind, r in summary["understanding"].items():
     assert {"accuracy", "chance", "num"} <= set(r), kind
   assert "geneval" in summary["generation"] and "reconstruction_psnr" in summary
+  for scenes in ("small", "draw"):  # understanding scenes and drawings, one dataset each
+    assert os.path.isdir(os.path.join(workdir, "data", "tuna_shapes", scenes)), scenes
   for name in ("report", "samples", "json"):
     assert os.path.exists(os.path.join(workdir, summary["files"][name])), name
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2")) and os.listdir(os.path.join(workdir, "tb"))

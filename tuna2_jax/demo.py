@@ -59,16 +59,19 @@ def build_data(config: ml_collections.ConfigDict, opts: DemoOptions) -> float:
   from tuna2_jax.input import bpe, sources  # noqa: PLC0415
 
   t0 = time.time()
-  name, scenes = sources.builder_name(config.data.dataset)
-  if name != "shapes":
-    raise ValueError(f"data.dataset={config.data.dataset!r}: the demo builds 'shapes' or 'shapes/<config>'")
-  builder = shapes.build(config.data.data_dir, scenes or "full", num_train=opts.num_train,
-                         num_test=opts.num_test, num_workers=opts.data_workers)
-  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
-  _say(f"dataset in {builder.data_dir}: {sizes} ({time.time() - t0:.0f} s)")
+  names = [item.name for item in sources.parse_mixture(config.data.dataset)]
+  for name in names:
+    base, scenes = sources.builder_name(name)
+    if base != "shapes":
+      raise ValueError(f"data.dataset={config.data.dataset!r}: the demo builds 'shapes' or 'shapes/<config>' "
+                       f"datasets, not {name!r}")
+    builder = shapes.build(config.data.data_dir, scenes or "full", num_train=opts.num_train,
+                           num_test=opts.num_test, num_workers=opts.data_workers)
+    sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+    _say(f"dataset in {builder.data_dir}: {sizes} ({time.time() - t0:.0f} s)")
   if config.data.tokenizer.startswith("hf:"):
     vocab = config.model.vocab_size
-    path = bpe.build(config.data.dataset, config.data.data_dir, vocab)
+    path = bpe.build(names[0], config.data.data_dir, vocab)  # the first dataset's texts name every word
     config.data.tokenizer = f"hf:{path}"
     _say(f"tokenizer: {vocab}-id byte-level BPE trained on the training text, {path}")
   return time.time() - t0
@@ -101,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, opts: DemoOptions | Non
   os.makedirs(workdir, exist_ok=True)
   with config.unlocked():
     config.data.data_dir = os.path.join(workdir, "data")
-    _say(f"[1/3] building the shapes dataset ({opts.num_train} train, {opts.num_test} held-out scenes)")
+    _say(f"[1/3] building the shapes data ({opts.num_train} train, {opts.num_test} held-out scenes a dataset)")
     data_s = build_data(config, opts)
 
   cap = f" or {opts.minutes:g} minutes, whichever comes first" if opts.minutes > 0 else ""

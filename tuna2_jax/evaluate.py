@@ -234,23 +234,29 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate(config: ml_collections.ConfigDict, params, cfg: ModelConfig, *, step: int,
              examples: Sequence[examples_lib.Example] | None = None, num_examples: int | None = None,
-             gen_num: int | None = None, recon_num: int | None = None
-             ) -> tuple[EvalResult, dict[str, np.ndarray]]:
-  """(result, images for the artifacts) of `params` on the held-out split."""
+             gen_examples: Sequence[examples_lib.Example] | None = None, gen_num: int | None = None,
+             recon_num: int | None = None) -> tuple[EvalResult, dict[str, np.ndarray]]:
+  """(result, images for the artifacts) of `params` on the held-out split.
+
+  `examples` (questions, captions) and `gen_examples` (prompts, reconstructed images) default to the first
+  `num_examples` / `gen_num` held-out examples of the datasets the mixture uses for those tasks.
+  """
   from tuna2_jax.input import pipeline, tokenizer  # noqa: PLC0415  (Grain / TFDS only when evaluating)
 
   t0 = time.time()
   tok = tokenizer.get_tokenizer(config)
   opt = lambda name: eval_option(config, name)  # noqa: E731
+  split, gen_num = config.data.get("eval_split", "test"), gen_num or opt("gen_num")
   if examples is None:
-    examples = pipeline.make_eval_examples(config, config.data.get("eval_split", "test"),
-                                           num_examples or opt("num_examples"))
+    examples = pipeline.make_eval_examples(config, split, num_examples or opt("num_examples"))
+  if gen_examples is None:
+    gen_examples = pipeline.make_eval_examples(config, split, gen_num, task="generate")
   understanding, answers = understanding_accuracy(
       params, cfg, examples, tok, max_new_tokens=opt("max_new_tokens"), batch_size=opt("batch_size"))
   ppl = caption_perplexity(params, cfg, examples, tok)
 
   size = eval_canvas(config)
-  gen_examples = [ex for ex in examples if scoring.parse_prompt(ex.prompt)][:gen_num or opt("gen_num")]
+  gen_examples = [ex for ex in gen_examples if scoring.parse_prompt(ex.prompt)][:gen_num]
   prompts = [ex.prompt for ex in gen_examples]
   tc = config.train
   generated = generate_for_prompts(

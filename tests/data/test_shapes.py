@@ -157,6 +157,22 @@ def test_small_scenes_are_square_and_answers_match_pixels():
     shapes_render.make_scene_example(0, "train", 0, scenes="huge")
 
 
+def test_draw_scenes_hold_one_centered_shape_the_scorer_finds():
+  from tuna2_jax import scoring
+
+  seen = set()
+  for i in range(60):
+    ex = shapes_render.make_scene_example(3, "train", i, scenes="draw")
+    (o,) = ex["meta"]["objects"]
+    x0, y0, x1, y1 = o["bbox"]
+    assert ex["meta"]["word"] is None and 14 <= x1 - x0 + 1 <= 23 and x1 - x0 == y1 - y0
+    assert abs((x0 + x1) / 2 - 23.5) <= 0.5 and abs((y0 + y1) / 2 - 23.5) <= 0.5  # the canvas middle
+    assert ex["prompt"] == f"Draw a {o['color']} {o['shape']} in the center on a white background."
+    assert scoring.score_image(ex["image"], scoring.parse_prompt(ex["prompt"])).position
+    seen.add((o["shape"], o["color"]))
+  assert len(seen) >= 15  # shapes and colors drawn independently
+
+
 def test_builder_configs_are_separate_datasets(tmp_path):
   from tuna2_jax.input import sources
 

@@ -11,7 +11,7 @@ from contract_check import check_batch, check_row
 
 from data import shapes
 from tuna2_jax import sequence as seq
-from tuna2_jax.input import examples, pipeline, tasks, tokenizer
+from tuna2_jax.input import examples, pipeline, sources, tasks, tokenizer
 
 
 def _take(it, n):
@@ -183,3 +183,47 @@ def test_probabilities_outside_unit_interval_name_the_field(debug_config, field)
   c.data[field] = 1.5
   with pytest.raises(ValueError, match=f"data.{field}=1.5 must be in"):
     pipeline.validate_data_config(c)
+
+
+def test_mixture_item_tasks_are_parsed_and_checked(debug_config):
+  items = sources.parse_mixture("shapes/small@understand+edit:2, shapes/draw@generate")
+  assert items == [("shapes/small", 2.0, ("understand", "edit")), ("shapes/draw", 1.0, ("generate",))]
+  assert sources.parse_mixture("shapes:3")[0].tasks == ()
+  with pytest.raises(ValueError, match=r"'shapes' names unknown tasks \['draw'\]"):
+    sources.parse_mixture("shapes@draw")
+  c = debug_config.copy_and_resolve_references()
+  c.data.dataset = "shapes@text"
+  c.data.task_weights.text = 0.0
+  with pytest.raises(ValueError, match="'shapes' may only become text"):
+    pipeline.validate_data_config(c)
+
+
+def test_mixture_keeps_each_source_to_its_tasks(debug_config, shapes_dir):
+  c = debug_config
+  c.data.dataset = "shapes@understand:1,plain@generate:1"
+  plain = [{"image": np.full((24, 40), 10 * i, np.uint8), "caption": f"gray level {i}"} for i in range(10)]
+  src = tfds.data_source("tuna_shapes", split="train", data_dir=shapes_dir)
+  roles = {"plain": set(), "shapes": set()}
+  for batch in _take(iter(pipeline.make_dataset(c, sources={"shapes": src, "plain": plain})), 3):
+    for row in range(batch["tokens"].shape[0]):
+      is_patch = batch["modality"][row] == seq.PATCH
+      for image in set(batch["image_ids"][row][is_patch]):
+        at = is_patch & (batch["image_ids"][row] == image)
+        # A plain image is one gray level all over; a shapes image never is.
+        kind = "plain" if np.ptp(batch["patches"][row][at]) == 0 else "shapes"
+        roles[kind].update(batch["image_role"][row][at])
+  assert roles == {"plain": {seq.GENERATE}, "shapes": {seq.UNDERSTAND}}
+
+
+def test_eval_examples_come_from_the_source_of_the_task(debug_config, shapes_dir):
+  c = debug_config
+  shapes.build(shapes_dir, "draw", num_train=0, num_test=4, num_workers=0)
+  c.data.dataset = "shapes@understand+edit:1,shapes/draw@generate:1"
+  und = pipeline.make_eval_examples(c, "test", 3)
+  gen = pipeline.make_eval_examples(c, "test", 3, task="generate")
+  assert all(len(e.meta["objects"]) >= 1 and e.qa for e in und)
+  assert [len(e.meta["objects"]) for e in gen] == [1, 1, 1] and all("in the center" in e.prompt for e in gen)
+  assert und[0].prompt != gen[0].prompt
+  c.data.dataset = "shapes@understand"
+  with pytest.raises(ValueError, match="no dataset may become 'generate'"):
+    pipeline.make_eval_examples(c, "test", 3, task="generate")

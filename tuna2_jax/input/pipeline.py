@@ -20,7 +20,7 @@ import numpy as np
 
 from tuna2_jax.input import examples as examples_lib
 from tuna2_jax.input import images, packing, tasks, tokenizer
-from tuna2_jax.input.sources import SafeSource, open_source, parse_mixture
+from tuna2_jax.input.sources import MixtureItem, SafeSource, open_source, parse_mixture
 
 # The paper's mixture: generation : understanding = 7 : 3 over image data, plus 20% text-only; we give an
 # eighth of the generation share to editing.
@@ -80,8 +80,17 @@ def validate_data_config(config, process_count: int = 1) -> None:
       raise ValueError(f"data.{field}={d[field]} must be in [0, 1]")
   if d.num_workers < 0:
     raise ValueError(f"data.num_workers={d.num_workers} must be >= 0")
-  task_weights(config)
-  parse_mixture(d.dataset)
+  for item in parse_mixture(d.dataset):
+    source_task_weights(config, item)
+
+
+def source_task_weights(config, item: MixtureItem) -> dict[str, float]:
+  """data.task_weights kept to the tasks the mixture allows `item`; an error naming it if none is left."""
+  weights = {t: w for t, w in task_weights(config).items() if w > 0 and (not item.tasks or t in item.tasks)}
+  if not weights:
+    raise ValueError(f"data.dataset: {item.name!r} may only become {'+'.join(item.tasks)}, and "
+                     f"data.task_weights={task_weights(config)} gives none of them a weight")
+  return weights
 
 
 def examples_dataset(config, source, *, name: str, seed: int, process_index: int = 0,
@@ -107,15 +116,16 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1, spli
   validate_data_config(config, process_count)
   d = config.data
   split = split or _get(config, "train_split", "train")
-  make_doc = MakeDocument(tokenizer_name=d.tokenizer, opts=task_options(config), weights=task_weights(config))
   special = tokenizer.get_tokenizer(config).special
   parts, weights = [], []
-  for k, (name, weight) in enumerate(parse_mixture(d.dataset)):
-    src = sources[name] if sources is not None else open_source(name, d.data_dir, split)
-    ds = examples_dataset(config, src, name=name, seed=d.seed + 7919 * k, process_index=process_index,
+  for k, item in enumerate(parse_mixture(d.dataset)):
+    src = sources[item.name] if sources is not None else open_source(item.name, d.data_dir, split)
+    ds = examples_dataset(config, src, name=item.name, seed=d.seed + 7919 * k, process_index=process_index,
                           process_count=process_count)
+    make_doc = MakeDocument(tokenizer_name=d.tokenizer, opts=task_options(config),
+                            weights=source_task_weights(config, item))
     parts.append(ds.random_map(make_doc, seed=d.seed + 7919 * k + 1))
-    weights.append(weight)
+    weights.append(item.weight)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=_get(config, "read_threads", 1),
                                              prefetch_buffer_size=_get(config, "prefetch", 16)))
@@ -135,15 +145,20 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
   return iter(make_dataset(config, process_index=process_index, process_count=process_count))
 
 
-def make_eval_examples(config, split: str = "test", num: int | None = None) -> list[examples_lib.Example]:
-  """The first `num` valid held-out examples of the first dataset of the mixture, in stored order.
+def make_eval_examples(config, split: str = "test", num: int | None = None, *,
+                       task: str = "understand") -> list[examples_lib.Example]:
+  """The first `num` valid held-out examples of the mixture's first dataset that may become `task`, in
+  stored order (understanding questions and generation prompts may come from different datasets).
 
   Images (and edit targets) are resized to a patch-multiple size under `data.max_image_patches` by the rule of
   images.py, so they can go into a row as they are; `meta` holds the ground truth (objects, word, ...).
   """
   d = config.data
   num = config.eval.num_examples if num is None else num
-  name = parse_mixture(d.dataset)[0][0]
+  allowed = [item.name for item in parse_mixture(d.dataset) if not item.tasks or task in item.tasks]
+  if not allowed:
+    raise ValueError(f"data.dataset={d.dataset!r}: no dataset may become {task!r} documents to evaluate")
+  name = allowed[0]
   src = SafeSource(open_source(name, d.data_dir, split), name)
   decode = examples_lib.DecodeExamples(image_key=_get(config, "image_key", "image"),
                                        text_key=_get(config, "text_key", "caption"), max_skip_fraction=1.0)

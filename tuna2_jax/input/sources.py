@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import tensorflow_datasets as tfds
+
+from tuna2_jax.input.tasks import TASKS
 
 # Builders of data/: config name -> (TFDS name, the command that writes it). "shapes/small" names the builder
 # config "small" of "shapes" (TFDS's "tuna_shapes/small").
@@ -21,18 +23,32 @@ class DatasetMissingError(FileNotFoundError):
   """The dataset was never built into `data.data_dir`."""
 
 
-def parse_mixture(spec: str) -> list[tuple[str, float]]:
-  """'shapes' or 'shapes:3,digits:1' -> [(name, weight), ...] (weights need not sum to one)."""
+class MixtureItem(NamedTuple):
+  name: str
+  weight: float
+  tasks: tuple[str, ...]  # the tasks this source's records may become; () = every task
+
+
+def parse_mixture(spec: str) -> list[MixtureItem]:
+  """'shapes', 'shapes:3,digits:1' or 'shapes/small@understand+edit:1,shapes/draw@generate:1' -> items.
+
+  Weights need not sum to one. `@task+task` keeps a source to those tasks (tasks.TASKS), as pretraining
+  mixes understanding-only and generation-only datasets; without it every task its records support.
+  """
   out = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, _, weight = item.partition(":")
+    name, _, task_list = name.partition("@")
     try:
       w = float(weight) if weight else 1.0
     except ValueError:
       raise ValueError(f"data.dataset={spec!r}: weight {weight!r} of {name!r} is not a number") from None
     if w <= 0:
       raise ValueError(f"data.dataset={spec!r}: weight of {name!r} must be > 0")
-    out.append((name, w))
+    tasks = tuple(filter(None, task_list.split("+")))
+    if unknown := [t for t in tasks if t not in TASKS]:
+      raise ValueError(f"data.dataset={spec!r}: {name!r} names unknown tasks {unknown}; expected {TASKS}")
+    out.append(MixtureItem(name, w, tasks))
   if not out:
     raise ValueError("data.dataset is empty; name shapes, digits, folder or a TFDS dataset")
   return out
