@@ -104,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, opts: DemoOptions | Non
   os.makedirs(workdir, exist_ok=True)
   with config.unlocked():
     config.data.data_dir = os.path.join(workdir, "data")
-    _say(f"[1/3] building the shapes data ({opts.num_train} train, {opts.num_test} held-out scenes a dataset)")
+    _say(f"[1/3] building the shapes data ({opts.num_train} train, {opts.num_test} held-out scenes each)")
     data_s = build_data(config, opts)
 
   cap = f" or {opts.minutes:g} minutes, whichever comes first" if opts.minutes > 0 else ""
