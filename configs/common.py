@@ -133,7 +133,7 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
   c.model = model_config(size)
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "shapes"         # shapes, digits, folder, a TFDS name, a mixture "shapes:3,digits@edit:1"
+  c.data.dataset = "shapes"         # shapes, digits, folder, TFDS names, mixes "shapes:3,digits@generate:1"
   c.data.data_dir = "runs/data"     # where the TFDS / ArrayRecord builders wrote it
   c.data.seq_len = seq_len          # tokens per packed row
   c.data.global_batch_size = batch_size
