@@ -5,9 +5,9 @@ What changed from tuna2_tiny and why (each measured against the 10-minute budget
     of the 3 x 3 position grid, a word on the 8-px grid in 80 % of them, no left-of / above questions),
     generation on the `shapes/draw` drawings (one 14-23 px shape in the middle of 48 x 48, no word), mixed
     4 : 6 (the paper: 3 : 7, at which reading stayed on its plateau, run f2): in ten minutes the model
-    learns to draw a named shape in a named color, not yet to lay out the scenes of `small` (README "The
-    demo"); 36 patches of 8 px an image, rows of 256 tokens, 8 rows a step: ~2K tokens a step, ~1400 steps
-    in the budget;
+    learns to draw a named shape, in the named color from seed 0 (not yet from seeds 1 and 2), and not yet
+    to lay out the scenes of `small` (README "The demo"); 36 patches of 8 px an image, rows of 256 tokens,
+    8 rows a step: ~2K tokens a step, ~1400 steps in the budget;
   - a 512-id byte-level BPE trained on the dataset's text (tuna2_jax.input.bpe; the demo writes it next to
     the data): texts ~4x shorter than bytes, every answer one or two tokens;
   - a scene's questions in one understanding document (max_qa_turns 8), the caption last; half of the
