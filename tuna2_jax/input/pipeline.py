@@ -86,10 +86,11 @@ def validate_data_config(config, process_count: int = 1) -> None:
 
 def source_task_weights(config, item: MixtureItem) -> dict[str, float]:
   """data.task_weights kept to the tasks the mixture allows `item`; an error naming it if none is left."""
-  weights = {t: w for t, w in task_weights(config).items() if w > 0 and (not item.tasks or t in item.tasks)}
+  everywhere = task_weights(config)
+  weights = {t: w for t, w in everywhere.items() if w > 0 and item.allows(t)}
   if not weights:
     raise ValueError(f"data.dataset: {item.name!r} may only become {'+'.join(item.tasks)}, and "
-                     f"data.task_weights={task_weights(config)} gives none of them a weight")
+                     f"data.task_weights={everywhere} gives none of them a weight")
   return weights
 
 
@@ -116,14 +117,13 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1, spli
   validate_data_config(config, process_count)
   d = config.data
   split = split or _get(config, "train_split", "train")
-  special = tokenizer.get_tokenizer(config).special
+  special, opts = tokenizer.get_tokenizer(config).special, task_options(config)
   parts, weights = [], []
   for k, item in enumerate(parse_mixture(d.dataset)):
     src = sources[item.name] if sources is not None else open_source(item.name, d.data_dir, split)
     ds = examples_dataset(config, src, name=item.name, seed=d.seed + 7919 * k, process_index=process_index,
                           process_count=process_count)
-    make_doc = MakeDocument(tokenizer_name=d.tokenizer, opts=task_options(config),
-                            weights=source_task_weights(config, item))
+    make_doc = MakeDocument(tokenizer_name=d.tokenizer, opts=opts, weights=source_task_weights(config, item))
     parts.append(ds.random_map(make_doc, seed=d.seed + 7919 * k + 1))
     weights.append(item.weight)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -155,7 +155,7 @@ def make_eval_examples(config, split: str = "test", num: int | None = None, *,
   """
   d = config.data
   num = config.eval.num_examples if num is None else num
-  allowed = [item.name for item in parse_mixture(d.dataset) if not item.tasks or task in item.tasks]
+  allowed = [item.name for item in parse_mixture(d.dataset) if item.allows(task)]
   if not allowed:
     raise ValueError(f"data.dataset={d.dataset!r}: no dataset may become {task!r} documents to evaluate")
   name = allowed[0]

@@ -28,6 +28,9 @@ class MixtureItem(NamedTuple):
   weight: float
   tasks: tuple[str, ...]  # the tasks this source's records may become; () = every task
 
+  def allows(self, task: str) -> bool:
+    return not self.tasks or task in self.tasks
+
 
 def parse_mixture(spec: str) -> list[MixtureItem]:
   """'shapes', 'shapes:3,digits:1' or 'shapes/small@understand+edit:1,shapes/draw@generate:1' -> items.
