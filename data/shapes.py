@@ -8,8 +8,8 @@ Each record is a scene of colored shapes (and sometimes a word) with a caption, 
 relation / reading questions, a generation prompt and up to two edits (see data/shapes_render.py). Three
 builder configs, named after shapes_render.SCENES: `full` (the default; 1-6 shapes on canvases of 32-128 px a
 side, any aspect ratio), `small` (1-3 shapes on 48 x 48 canvases, one per grid cell, the demo's scenes) and
-`draw` (one shape in the middle of 48 x 48, the demo's drawings). Splits draw from disjoint seed streams:
-(seed, split code, index).
+`draw` (one shape in the middle of 48 x 48, mostly a word on top: the demo's drawings). Splits draw from
+disjoint seed streams: (seed, split code, index).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ class TunaShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes scenes; sizes and seed are constructor arguments (they do not change the schema)."""
 
   # A new version whenever a preset draws other scenes, so data built by older code is not reused.
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "small: one shape per grid cell, a word in 80 % of scenes, no relation questions"}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.1.0": "small: one shape per grid cell, a word in 80 % of scenes, no relation questions",
+                   "1.2.0": "draw: a word on the top row in 80 % of drawings"}
   BUILDER_CONFIGS = [  # the first is the default ("tuna_shapes" = "tuna_shapes/full")
       ShapesConfig(name="full", description="1-6 shapes, 32-128 px canvases of any aspect ratio"),
       ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases, one per grid cell (demo)"),
-      ShapesConfig(name="draw", description="one shape in the middle of a 48 x 48 canvas (demo drawings)"),
+      ShapesConfig(name="draw", description="one centered shape on 48 x 48, a word on top (demo drawings)"),
   ]
   code_path = schema.CODE_PATH
 

@@ -157,20 +157,31 @@ def test_small_scenes_are_square_and_answers_match_pixels():
     shapes_render.make_scene_example(0, "train", 0, scenes="huge")
 
 
-def test_draw_scenes_hold_one_centered_shape_the_scorer_finds():
+def test_draw_scenes_hold_one_centered_shape_the_scorer_finds_and_a_word_on_top():
   from tuna2_jax import scoring
 
-  seen = set()
+  seen, words = set(), 0
   for i in range(60):
     ex = shapes_render.make_scene_example(3, "train", i, scenes="draw")
     (o,) = ex["meta"]["objects"]
     x0, y0, x1, y1 = o["bbox"]
-    assert ex["meta"]["word"] is None and 14 <= x1 - x0 + 1 <= 23 and x1 - x0 == y1 - y0
+    assert 14 <= x1 - x0 + 1 <= 23 and x1 - x0 == y1 - y0
     assert abs((x0 + x1) / 2 - 23.5) <= 0.5 and abs((y0 + y1) / 2 - 23.5) <= 0.5  # the canvas middle
-    assert ex["prompt"] == f"Draw a {o['color']} {o['shape']} in the center on a white background."
+    word = ex["meta"]["word"]
+    said = f' and the word "{word}"' if word else ""
+    assert ex["prompt"] == f"Draw a {o['color']} {o['shape']} in the center{said} on a white background."
+    ink = np.argwhere(ex["image"].max(-1) < 128)  # the word is black; every shape color has a channel > 150
+    if word:
+      words += 1
+      wx0, wy0, wx1, wy1 = ex["meta"]["word_bbox"]
+      assert wy0 == 0 and wx0 % 8 == 0 and wy1 < y0  # on the top row, above the shape
+      assert len(ink) and ink[:, 0].max() < y0
+    else:
+      assert len(ink) == 0
     assert scoring.score_image(ex["image"], scoring.parse_prompt(ex["prompt"])).position
     seen.add((o["shape"], o["color"]))
   assert len(seen) >= 15  # shapes and colors drawn independently
+  assert 0.6 <= words / 60 <= 0.95  # 80 % of drawings hold a word
 
 
 def test_builder_configs_are_separate_datasets(tmp_path):
