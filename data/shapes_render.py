@@ -185,8 +185,8 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec = SCENES["full"]) -> 
     word = str(rng.choice(WORDS))
     left, t, r, b = _font().getbbox(word)
     for _ in range(20):
-      y = -t if spec.word_on_top else int(rng.integers(-t, height - b + 1))
-      xy = (int(rng.integers(0, width - r + 1)), y)
+      x = int(rng.integers(0, width - r + 1))  # x before y: the scenes of earlier versions stay as they were
+      xy = (x, -t if spec.word_on_top else int(rng.integers(-t, height - b + 1)))
       if spec.word_grid > 1:  # snap the ink's top-left corner down onto the grid
         g = spec.word_grid
         xy = ((xy[0] + left) // g * g - left, (xy[1] + t) // g * g - t)
