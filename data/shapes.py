@@ -38,9 +38,10 @@ class TunaShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes scenes; sizes and seed are constructor arguments (they do not change the schema)."""
 
   # A new version whenever a preset draws other scenes, so data built by older code is not reused.
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.1.0": "small: one shape per grid cell, a word in 80 % of scenes, no relation questions",
-                   "1.2.0": "draw: a word on the top row in 80 % of drawings"}
+                   "1.2.0": "draw: a word on the top row in 80 % of drawings",
+                   "1.3.0": "draw: shapes of 17-26 px, moved down below the word where they would overlap"}
   BUILDER_CONFIGS = [  # the first is the default ("tuna_shapes" = "tuna_shapes/full")
       ShapesConfig(name="full", description="1-6 shapes, 32-128 px canvases of any aspect ratio"),
       ShapesConfig(name="small", description="1-3 shapes on 48 x 48 canvases, one per grid cell (demo)"),

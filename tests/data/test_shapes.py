@@ -160,14 +160,19 @@ def test_small_scenes_are_square_and_answers_match_pixels():
 def test_draw_scenes_hold_one_centered_shape_the_scorer_finds_and_a_word_on_top():
   from tuna2_jax import scoring
 
-  seen, words = set(), 0
+  seen, words, moved = set(), 0, 0
   for i in range(60):
     ex = shapes_render.make_scene_example(3, "train", i, scenes="draw")
     (o,) = ex["meta"]["objects"]
     x0, y0, x1, y1 = o["bbox"]
-    assert 14 <= x1 - x0 + 1 <= 23 and x1 - x0 == y1 - y0
-    assert abs((x0 + x1) / 2 - 23.5) <= 0.5 and abs((y0 + y1) / 2 - 23.5) <= 0.5  # the canvas middle
+    assert 17 <= x1 - x0 + 1 <= 26 and x1 - x0 == y1 - y0
+    assert abs((x0 + x1) / 2 - 23.5) <= 0.5  # the canvas middle, or moved straight down below the word
+    middle = abs((y0 + y1) / 2 - 23.5) <= 0.5
     word = ex["meta"]["word"]
+    if not middle:
+      moved += 1
+      assert word and y0 == ex["meta"]["word_bbox"][3] + shapes_render.GAP + 1
+    assert o["position"] == "center"
     said = f' and the word "{word}"' if word else ""
     assert ex["prompt"] == f"Draw a {o['color']} {o['shape']} in the center{said} on a white background."
     ink = np.argwhere(ex["image"].max(-1) < 128)  # the word is black; every shape color has a channel > 150
@@ -182,6 +187,7 @@ def test_draw_scenes_hold_one_centered_shape_the_scorer_finds_and_a_word_on_top(
     seen.add((o["shape"], o["color"]))
   assert len(seen) >= 15  # shapes and colors drawn independently
   assert 0.6 <= words / 60 <= 0.95  # 80 % of drawings hold a word
+  assert 0 < moved < words
 
 
 def test_builder_configs_are_separate_datasets(tmp_path):
