@@ -165,9 +165,10 @@ def base_config(size: str, *, steps: int, seq_len: int, batch_size: int) -> ml_c
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4                 # peak learning rate (the paper's stage 1)
-  c.optim.schedule = "cosine"       # constant | cosine | linear (after warmup)
+  c.optim.schedule = "cosine"       # constant | cosine | linear | wsd (after warmup)
   c.optim.warmup_steps = 100
-  c.optim.end_lr_factor = 0.0       # final lr as a fraction of optim.lr (cosine / linear)
+  c.optim.end_lr_factor = 0.0       # final lr as a fraction of optim.lr (cosine / linear / wsd)
+  c.optim.decay_fraction = 0.2      # wsd: the last fraction of the steps after warmup that decays
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
   c.optim.weight_decay = 0.01
   c.optim.clip_norm = 1.0

@@ -78,6 +78,8 @@ def test_bad_model_field_is_named(field, value, message):
     (("data.global_batch_size", 3), "data.global_batch_size"),
     (("optim.grad_accum", 3), "optim.grad_accum"),
     (("mesh.rules", "nope"), "mesh.rules"),
+    (("optim.schedule", "step"), "optim.schedule"),
+    (("optim.decay_fraction", 0.0), "optim.decay_fraction"),
 ])
 def test_bad_run_config_fails_before_compiling(override, message):
   c = load("tuna2_debug")

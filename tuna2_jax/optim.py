@@ -8,15 +8,21 @@ from __future__ import annotations
 import jax
 import optax
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 # Parameters that never get weight decay: norms, biases, embeddings, learned tokens.
 NO_DECAY = ("scale", "bias", "embedding", "mask_token", "pos_embedding")
 
 
 def make_schedule(optim, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to optim.lr, then constant, cosine or linear decay to optim.end_lr_factor * lr."""
+  """Linear warmup from 0 to optim.lr, then constant, cosine or linear decay to optim.end_lr_factor * lr.
+
+  "wsd" (warmup-stable-decay) holds optim.lr and decays linearly over the last optim.decay_fraction of the
+  steps after warmup: a short run spends longer at the peak, where skills leave their plateaus sooner.
+  """
   if optim.schedule not in SCHEDULES:
     raise ValueError(f"optim.schedule={optim.schedule!r} not in {SCHEDULES}")
+  if not 0 < optim.decay_fraction <= 1:
+    raise ValueError(f"optim.decay_fraction={optim.decay_fraction} must be in (0, 1]")
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
   end = optim.lr * optim.get("end_lr_factor", 0.0)
   decay_steps = max(total_steps - warmup, 1)
@@ -24,8 +30,12 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
     after = optax.constant_schedule(optim.lr)
   elif optim.schedule == "cosine":
     after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=end / optim.lr if optim.lr else 0.0)
-  else:
+  elif optim.schedule == "linear":
     after = optax.linear_schedule(optim.lr, end, decay_steps)
+  else:
+    decay = max(round(decay_steps * optim.decay_fraction), 1)
+    stable, cooldown = optax.constant_schedule(optim.lr), optax.linear_schedule(optim.lr, end, decay)
+    after = optax.join_schedules([stable, cooldown], [decay_steps - decay])
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])

@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Mode
     raise ConfigError(f"train.steps must be >= 1, got {config.train.steps}")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ConfigError(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
+  optim.make_schedule(config.optim, config.train.steps)  # names a bad optim.schedule / decay_fraction
   return model_cfg
 
 
