@@ -21,8 +21,9 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
   """
   if optim.schedule not in SCHEDULES:
     raise ValueError(f"optim.schedule={optim.schedule!r} not in {SCHEDULES}")
-  if not 0 < optim.decay_fraction <= 1:
-    raise ValueError(f"optim.decay_fraction={optim.decay_fraction} must be in (0, 1]")
+  fraction = optim.get("decay_fraction", 0.2)
+  if not 0 < fraction <= 1:
+    raise ValueError(f"optim.decay_fraction={fraction} must be in (0, 1]")
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
   end = optim.lr * optim.get("end_lr_factor", 0.0)
   decay_steps = max(total_steps - warmup, 1)
@@ -33,7 +34,7 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
   elif optim.schedule == "linear":
     after = optax.linear_schedule(optim.lr, end, decay_steps)
   else:
-    decay = max(round(decay_steps * optim.decay_fraction), 1)
+    decay = max(round(decay_steps * fraction), 1)
     stable, cooldown = optax.constant_schedule(optim.lr), optax.linear_schedule(optim.lr, end, decay)
     after = optax.join_schedules([stable, cooldown], [decay_steps - decay])
   if warmup == 0:
