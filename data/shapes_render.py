@@ -167,7 +167,7 @@ def _place(rng: np.random.Generator, scene: Scene, shape: str, color: str, taken
     size = int(rng.integers(lo, hi))
     if spec.centered:
       x0, y0 = (scene.width - size) // 2, (scene.height - size) // 2
-      if _overlaps((x0, y0, x0 + size - 1, y0 + size - 1), taken):
+      if _overlaps(Shape(shape, color, x0, y0, size).bbox, taken):
         y0 = max(b[3] for b in taken) + GAP + 1
     elif cells:
       col, row = (int(v) for v in rng.integers(0, cells, 2))
