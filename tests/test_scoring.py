@@ -102,6 +102,40 @@ def test_recoloring_an_object_is_seen():
   assert scoring.score_image(img, [dataclasses.replace(truth[0], color=new)]).position
 
 
+def test_reads_the_word_of_native_images():
+  """Every word the builder drew (full scenes, the demo's drawings) is read back; none where it drew none."""
+  draw = [shapes_render.make_scene_example(7, "test", i, "draw") for i in range(40)]
+  exs = [ex for ex, _ in scenes()] + draw
+  words = [scoring.parse_prompt_word(ex["prompt"]) for ex in exs]
+  assert {w is None for w in words} == {True, False}
+  for ex, word in zip(exs, words, strict=True):
+    assert word is None or word in shapes_render.WORDS, ex["prompt"]
+    assert scoring.read_word(ex["image"]) == word, ex["prompt"]
+    assert scoring.score_image(ex["image"], [], word).text is (None if word is None else True)
+
+
+def test_rejects_a_wrong_or_missing_word():
+  ex = next(ex for ex, _ in scenes() if scoring.parse_prompt_word(ex["prompt"]))
+  word = scoring.parse_prompt_word(ex["prompt"])
+  other = next(w for w in shapes_render.WORDS if w != word)
+  assert scoring.score_image(ex["image"], [], other).text is False
+  blank = np.full_like(ex["image"], 255)
+  assert scoring.read_word(blank) is None and scoring.score_image(blank, [], word).text is False
+  # the ink of every other pixel column erased: no word matches well enough any more (IoU < min_iou)
+  img = ex["image"].copy()
+  erase = scoring.text_ink(img)
+  erase[:, ::2] = False
+  img[erase] = 255
+  assert scoring.read_word(img) is None
+
+
+def test_text_is_aggregated_over_prompts_with_a_word():
+  s = lambda text: scoring.ImageScore(True, True, True, True, True, 1.0, 1, (), text=text)  # noqa: E731
+  agg = scoring.aggregate([s(True), s(False), s(None), s(True)])
+  assert agg["text"] == 2 / 3 and agg["num_text"] == 3 and agg["geneval"] == 1.0
+  assert "text" not in scoring.aggregate([s(None)])
+
+
 def test_psnr_matches_numpy():
   rng = np.random.default_rng(1)
   a = rng.integers(0, 256, (3, 16, 12, 3), dtype=np.uint8)

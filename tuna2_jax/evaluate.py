@@ -265,8 +265,9 @@ def evaluate(config: ml_collections.ConfigDict, params, cfg: ModelConfig, *, ste
       seed=opt("seed"))
   real = np.stack([images_lib.resize(ex.image, size, size) for ex in gen_examples])
   wanted = [scoring.parse_prompt(p) for p in prompts]
-  gen_scores = [scoring.score_image(im, w) for im, w in zip(generated, wanted, strict=True)]
-  ref_scores = [scoring.score_image(im, w) for im, w in zip(real, wanted, strict=True)]
+  words = [scoring.parse_prompt_word(p) for p in prompts]
+  gen_scores = [scoring.score_image(im, o, w) for im, o, w in zip(generated, wanted, words, strict=True)]
+  ref_scores = [scoring.score_image(im, o, w) for im, o, w in zip(real, wanted, words, strict=True)]
 
   originals = real[:recon_num if recon_num is not None else opt("recon_num")]
   recons = (reconstruct_batch(params, cfg, originals, tok, steps=opt("gen_steps"), sampler=opt("sampler"),

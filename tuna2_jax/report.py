@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 GEN_ROWS = (("geneval", "GenEval-style mean of the 5 categories"), ("counting", "count right"),
             ("colors", "colors right"), ("shapes", "shape kinds right"),
             ("color_attr", "colors bound to the right shapes"), ("position", "everything incl. positions"),
-            ("object_recall", "prompted (shape, color) pairs found"))
+            ("object_recall", "prompted (shape, color) pairs found"),
+            ("text", "the prompted word written (read back by glyph matching; prompts with a word)"))
 
 
 def normalize(text: str) -> str:
@@ -106,6 +107,8 @@ def sample_grid(generated: np.ndarray, real: np.ndarray, prompts: Sequence[str],
     objs = ", ".join(f"{o.color} {o.shape} {o.position}" for o in parse_prompt(prompts[i]))
     verdict = "" if scores is None else (" [ok]" if scores[i].position else
                                          f" [{scores[i].object_recall:.0%} found]")
+    if scores is not None and scores[i].word_read:
+      verdict += f' "{scores[i].word_read}"'
     _label(draw, (x, y + h + 1), objs + verdict, cell_w - 8)
   return np.asarray(canvas)
 

@@ -12,7 +12,9 @@ draws flat colors on white, so a small program replaces the detector:
      polygon rules into its bounding box; the best match names it, below `min_iou` it is a "blob";
   4. position: the component's bounding-box center in the 3 x 3 grid, the rule of data/shapes_render.py.
 
-Words ("the word "cat"") are not scored: black text is neither a shape nor a color of the palette.
+The word a prompt names ("and the word "cat"") is read back apart from the shapes (`read_word`): the dark
+pixels are matched against each word of the dataset drawn in its font, at every offset, and the best IoU
+names the word. It is its own category, "text", outside the GenEval-style mean of the five shape categories.
 Scores are per image (booleans) and aggregated per category; see `score_image` and `aggregate`.
 """
 
@@ -26,9 +28,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from scipy import ndimage, signal
 
-from data.shapes_render import BACKGROUND, COLORS, SHAPES
+from data import shapes_render
+from data.shapes_render import BACKGROUND, COLORS, SHAPES, WORDS
 
 TEXT_COLOR = (0, 0, 0)
 # Quantisation palette: the shape colors, then the two non-object colors.
@@ -42,6 +45,7 @@ CATEGORIES = ("counting", "colors", "shapes", "color_attr", "position")
 
 _ALT = lambda names: "|".join(sorted(names, key=len, reverse=True))  # noqa: E731  (longest first)
 _OBJECT_RE = re.compile(rf"\ba ({_ALT(COLORS)}) ({_ALT(SHAPES)}) (?:at|in) the ({_ALT(POSITIONS)})\b")
+_WORD_RE = re.compile(r'\bthe word "([^"]+)"')
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -77,11 +81,19 @@ class ImageScore:
   object_recall: float  # fraction of prompted (shape, color) pairs found
   num_prompted: int
   detections: tuple[Detection, ...]
+  text: bool | None = None      # the prompted word is what `read_word` reads; None: no word prompted
+  word_read: str | None = None  # what `read_word` reads (None: no word-like ink)
 
 
 def parse_prompt(prompt: str) -> list[SceneObject]:
   """The objects a shapes prompt (or caption) names, in order; words and anything else are ignored."""
   return [SceneObject(shape, color, pos) for color, shape, pos in _OBJECT_RE.findall(prompt)]
+
+
+def parse_prompt_word(prompt: str) -> str | None:
+  """The word a prompt asks to write ('... and the word "cat" ...' -> 'cat'), None if it names none."""
+  m = _WORD_RE.search(prompt)
+  return m.group(1) if m else None
 
 
 def grid_position(bbox: Sequence[int], width: int, height: int) -> str:
@@ -120,6 +132,41 @@ def shape_template(shape: str, width: int, height: int) -> np.ndarray:
   else:
     raise ValueError(f"unknown shape {shape!r}")
   return np.asarray(im, bool)
+
+
+def text_ink(image: np.ndarray) -> np.ndarray:
+  """bool [H, W]: pixels with every channel < 128, the antialiased word's core (no shape color is as dark)."""
+  return np.asarray(image)[..., :3].max(-1) < 128
+
+
+@functools.lru_cache(maxsize=64)
+def word_template(word: str) -> np.ndarray:
+  """bool [h, w]: the ink of `word` as the dataset's renderer draws it, cropped to its box."""
+  scene = shapes_render.Scene(16 + 12 * len(word), 32, (), word=word, word_xy=(4, 4))
+  ink = text_ink(shapes_render.render(scene))
+  rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+  return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def read_word(image: np.ndarray, *, min_iou: float = 0.6, words: Sequence[str] = WORDS) -> str | None:
+  """The word of `words` whose glyphs best match the image's dark pixels, None when none reaches min_iou.
+
+  For each word and every offset where its template fits, IoU = overlap / (ink + template - overlap) over
+  the whole image, so stray dark pixels elsewhere count against it; the overlaps at all offsets are one
+  cross-correlation.
+  """
+  ink = text_ink(image).astype(np.float32)
+  total = float(ink.sum())
+  best, best_iou = None, min_iou
+  for word in words if total else ():
+    t = word_template(word)
+    if t.shape[0] > ink.shape[0] or t.shape[1] > ink.shape[1]:
+      continue
+    overlap = signal.correlate(ink, t.astype(np.float32), mode="valid").max()
+    iou = overlap / (total + t.sum() - overlap)
+    if iou >= best_iou:
+      best, best_iou = word, iou
+  return best
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str, float]:
@@ -162,9 +209,11 @@ def _same(a: Sequence, b: Sequence) -> bool:
   return collections.Counter(a) == collections.Counter(b)
 
 
-def score_image(image: np.ndarray, prompted: Sequence[SceneObject], **find_kw) -> ImageScore:
-  """Checks the shapes found in `image` against the prompted objects."""
+def score_image(image: np.ndarray, prompted: Sequence[SceneObject], word: str | None = None,
+                **find_kw) -> ImageScore:
+  """Checks the shapes found in `image` against the prompted objects, and the word against `word`."""
   found = find_objects(image, **find_kw)
+  read = read_word(image)
   want_pairs = collections.Counter((o.shape, o.color) for o in prompted)
   got_pairs = collections.Counter((d.shape, d.color) for d in found)
   recall = sum((want_pairs & got_pairs).values()) / max(len(prompted), 1)
@@ -174,15 +223,20 @@ def score_image(image: np.ndarray, prompted: Sequence[SceneObject], **find_kw) -
       shapes=_same([d.shape for d in found], [o.shape for o in prompted]),
       color_attr=want_pairs == got_pairs,
       position=_same([d.as_object() for d in found], list(prompted)),
-      object_recall=recall, num_prompted=len(prompted), detections=tuple(found))
+      object_recall=recall, num_prompted=len(prompted), detections=tuple(found),
+      text=None if word is None else read == word, word_read=read)
 
 
 def aggregate(scores: Sequence[ImageScore]) -> dict[str, float]:
-  """Per-category pass rates, their mean ("geneval"), object recall and "overall" by number of objects."""
+  """Per-category pass rates, their mean ("geneval"), object recall and "overall" by number of objects;
+  "text" over the images whose prompt names a word (absent when none does)."""
   if not scores:
     return {}
   out = {c: float(np.mean([getattr(s, c) for s in scores])) for c in CATEGORIES}
   out["geneval"] = float(np.mean([out[c] for c in CATEGORIES]))
+  texts = [s.text for s in scores if s.text is not None]
+  if texts:
+    out["text"], out["num_text"] = float(np.mean(texts)), float(len(texts))
   out["object_recall"] = float(np.mean([s.object_recall for s in scores]))
   groups: Mapping[str, list[ImageScore]] = collections.defaultdict(list)
   for s in scores:
