@@ -146,6 +146,11 @@ def test_small_scenes_are_square_and_answers_match_pixels():
     names = [["top left", "top", "top right"], ["left", "center", "right"],
              ["bottom left", "bottom", "bottom right"]]
     assert all(names[y][x] == where for x, y, _, _, where in cells), cells
+    if ex["meta"]["word"]:  # its ink starts on the patch grid, clear of every shape
+      wx0, wy0, wx1, wy1 = ex["meta"]["word_bbox"]
+      assert wx0 % 8 == 0 and wy0 % 8 == 0
+      assert not any(x0 <= wx1 and wx0 <= x1 and y0 <= wy1 and wy0 <= y1
+                     for x0, y0, x1, y1 in (o["bbox"] for o in ex["meta"]["objects"]))
     for e in ex["edits"]:
       added = np.argwhere((e["image"] != ex["image"]).any(-1))
       assert len({(y // 16, x // 16) for y, x in added}) <= 1  # an edit touches one cell only
