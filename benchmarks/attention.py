@@ -8,8 +8,9 @@ On CPU, Pallas interpret-mode timings mean nothing, so the CPU part measures wha
      packed text documents) at L = 2K..16K: fractions of empty / partial / full tiles for the TPU (512 x 512)
      and Triton (128 x 64) blocks, mask density, and executed / useful FLOPs (what block skipping leaves
      over);
-  2. dense XLA vs chunked attention: wall time and peak temporary memory (XLA's memory analysis), fwd and
-     fwd+bwd, at several L.
+  2. dense XLA (the "xla" backend's closed-form backward, and autodiff through the same dense form) vs
+     chunked attention: wall time and peak temporary memory (XLA's memory analysis), fwd, bwd and fwd+bwd,
+     at the demo's shape and at several L; `closed_form_speedup` is the autodiff / closed-form ratio.
 With a GPU present it also runs the GPU matrix: pallas vs cudnn vs xla vs chunked, fwd / bwd / fwd+bwd,
 L in {2K, 4K, 8K, 16K}, D in {64, 128}, masks causal / hybrid / packed, reporting useful TFLOP/s
 (4 * B * H * D * allowed pairs, x2.5 for bwd; pallas.md §3) and executed TFLOP/s (non-empty tiles), to
@@ -111,6 +112,8 @@ def _inputs(b, length, hq, hkv, d, dtype, kind, seed=0):
 
 def _attn_fn(impl: str, causal_baseline: bool):
   if impl == "xla":
+    return lambda q, k, v, s, e: xla_attention.dense_attention_fast(q, k, v, s, e)
+  if impl == "xla_autodiff":
     return lambda q, k, v, s, e: xla_attention.dense_attention(q, k, v, s, e)
   if impl == "chunked":
     return lambda q, k, v, s, e: xla_attention.chunked_attention(q, k, v, s, e)
@@ -158,16 +161,25 @@ def time_impl(impl: str, q, k, v, seg, end, *, mode: str, iters: int, causal_bas
 
 
 def xla_vs_chunked(lengths, *, b=1, hq=8, hkv=2, d=64, iters=3) -> list[dict]:
+  """The "xla" backend (closed-form backward), autodiff through the same dense form, and chunked."""
   out = []
   for length in lengths:
     q, k, v, seg, end = _inputs(b, length, hq, hkv, d, jnp.float32, "hybrid")
-    for impl in ("xla", "chunked"):
+    for impl in ("xla", "xla_autodiff", "chunked"):
       for mode in ("fwd", "bwd", "fwd+bwd"):
         r = time_impl(impl, q, k, v, seg, end, mode=mode, iters=iters)
         out.append(dict(L=length, impl=impl, mode=mode, B=b, Hq=hq, Hkv=hkv, D=d, dtype="float32",
                         ms=round(r["seconds"] * 1e3, 2),
                         peak_MiB=None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**20, 1)))
   return out
+
+
+def closed_form_speedup(rows: list[dict]) -> list[dict]:
+  """Autodiff time / closed-form time of the dense backend, per shape and mode (> 1: closed form faster)."""
+  ms = {(r["L"], r["B"], r["D"], r["mode"], r["impl"]): r["ms"] for r in rows}
+  return [dict(L=r["L"], B=r["B"], D=r["D"], mode=r["mode"],
+               autodiff_over_closed_form=round(ms[(*key, "xla_autodiff")] / r["ms"], 2))
+          for r in rows if r["impl"] == "xla" for key in [(r["L"], r["B"], r["D"], r["mode"])]]
 
 
 # ------------------------------------------------------------------------------------------------ GPU matrix
@@ -229,16 +241,21 @@ def main() -> None:
   meta = dict(jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
               python=platform.python_version(), machine=platform.machine(), cpus=jax.local_device_count())
   if args.smoke:
-    result = dict(meta=meta, sparsity=sparsity([1024], rows=1), xla_vs_chunked=xla_vs_chunked([256], iters=1),
+    dense = xla_vs_chunked([256], iters=1)
+    result = dict(meta=meta, sparsity=sparsity([1024], rows=1), xla_vs_chunked=dense,
+                  closed_form_speedup=closed_form_speedup(dense),
                   gpu_matrix=gpu_matrix([256], [64], ["xla", "chunked", "pallas"], tokens_per_batch=256,
                                         hidden=128, iters=1, dtype=jnp.float32))
   else:
-    result = dict(meta=meta, sparsity=sparsity([2048, 4096, 8192, 16384]),
-                  xla_vs_chunked=xla_vs_chunked([512, 1024, 2048, 4096], iters=2))
+    # The demo's shape first (8 rows of 256, 4 / 2 heads of 32), then long rows.
+    dense = (xla_vs_chunked([256], b=8, hq=4, hkv=2, d=32, iters=20)
+             + xla_vs_chunked([512, 1024, 2048, 4096], iters=2))
+    result = dict(meta=meta, sparsity=sparsity([2048, 4096, 8192, 16384]), xla_vs_chunked=dense,
+                  closed_form_speedup=closed_form_speedup(dense))
     if jax.default_backend() == "gpu":
       result["gpu_matrix"] = gpu_matrix([2048, 4096, 8192, 16384], [64, 128],
                                         ["pallas", "cudnn", "xla", "chunked"])
-  for key in ("sparsity", "xla_vs_chunked", "gpu_matrix"):
+  for key in ("sparsity", "xla_vs_chunked", "closed_form_speedup", "gpu_matrix"):
     _print_table(result.get(key, []), key)
   if not args.smoke:
     name = f"attention_{jax.default_backend()}.json"     # attention_cpu.json / attention_gpu.json

@@ -2,7 +2,8 @@
 
   model.attention = "auto" | "xla" | "chunked" | "pallas" | "cudnn" | "ring"
 
-- "xla": dense jnp (materialises [B, H, L, L] logits); "chunked": O(L)-memory online softmax in jnp.
+- "xla": dense jnp (materialises [B, H, L, L] logits; FlashAttention's backward in closed form);
+  "chunked": O(L)-memory online softmax in jnp.
 - "pallas": the hybrid-mask flash kernel (`flash.hybrid_attention`): Mosaic on TPU, Pallas-Triton on GPU,
   interpret mode on CPU (slow; for tests). Under a multi-device mesh it runs inside `jax.shard_map` over the
   batch and head axes, because Pallas kernels are not auto-partitioned.
@@ -152,7 +153,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
                             mesh=mesh)
   _log_once(impl, choice, fallback)
   if choice.impl == "xla":
-    return xla_attention.dense_attention(q, k, v, segment_ids, attn_end)
+    return xla_attention.dense_attention_fast(q, k, v, segment_ids, attn_end)
   if choice.impl == "chunked":
     return xla_attention.chunked_attention(q, k, v, segment_ids, attn_end, chunk=chunk)
   if choice.impl == "cudnn":
