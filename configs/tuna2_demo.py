@@ -1,13 +1,13 @@
 """The `make demo` config: tiny Tuna-2 tuned to learn visibly in about 10 minutes of a 2-core CPU.
 
-What changed from tuna2_tiny and why (each measured against the 10-minute budget; README "The demo"):
+What changed from tuna2_tiny and why (each measured against the 10-minute budget; docs/demo_tuning.md):
   - understanding and editing on the `shapes/small` scenes (48 x 48 px, 1-3 shapes each inside its own cell
     of the 3 x 3 position grid, a word on the 8-px grid in 80 % of them, no left-of / above questions),
     generation on the `shapes/draw` drawings (one 17-26 px shape in the middle of 48 x 48, below the word
     where they would overlap, and in 80 % of them a word on the top row), mixed 4 : 6 (the paper: 3 : 7, at
     which reading stayed on its plateau, run f2): in ten minutes the model learns to draw a named shape in
     the named color (from 5 seeds of 6; it reads from 3 of 6), and not yet to lay out the scenes of `small`
-    (README "The demo"); drawing the words is what makes it read them (runs w0-w2 against f1s1, f1s2); the
+    (docs/demo_tuning.md); drawing the words is what makes it read them (runs w0-w2 against f1s1, f1s2); the
     shapes' size trades the drawings' colors against reading (runs w, m, b: 14-23, 17-26, 20-30 px); 36
     patches of 8 px an image, rows of 256 tokens, 8 rows a step: ~2K tokens a step, ~1400 steps in the
     budget;

@@ -57,17 +57,17 @@ SCENES = {
     # 2 x 2 patch block: a place's label is never ambiguous at a cell border and no patch holds two shapes.
     # Words start on the 8-px patch grid: each word is then one pixel pattern, not 64 shifted ones, which a
     # model trained for minutes can learn to read; most scenes hold one, so reading leaves its plateau from
-    # more seeds. No left-of / above questions: the demo's model stays at chance on them (README "The demo").
+    # more seeds. No left-of / above questions: the demo model stays at chance on them (docs/demo_tuning.md).
     "small": SceneSpec(sides=(48,), square=True, max_objects=3, px_per_object=700, min_size=10, word_prob=0.8,
                        word_grid=8, cells=3, relations=False),
     # One shape of 17-26 px in the middle of a 48 x 48 canvas (moved down below the word where they would
     # overlap; still in the center cell) and, in 80 % of them, a word on the top row: the prompts ("Draw a
     # red circle in the center and the word "cat" on a white background.") a model trained for ten minutes
-    # learns to draw (the demo's generation data; README "The demo" has what it could not learn from the
+    # learns to draw (the demo's generation data; docs/demo_tuning.md has what it could not learn from the
     # scenes of "small"). Drawing the words teaches the glyphs that reading the scenes of "small" needs:
     # without them, reading was learned from 1 seed of 3. The size trades drawing against reading: larger
     # shapes make the prompt's color more of the pixels, so it is learned sooner (benchmarks.learnability),
-    # but take the training from the words (README "The demo": 14-23, 17-26 and 20-30 px from 3 seeds each).
+    # but take the training from the words (docs/demo_tuning.md: 14-23, 17-26 and 20-30 px from 3 seeds each).
     "draw": SceneSpec(sides=(48,), square=True, max_objects=1, min_size=17, max_size=26, word_prob=0.8,
                       word_grid=8, word_on_top=True, relations=False, centered=True),
 }

@@ -41,7 +41,7 @@ class TaskOptions:
   max_qa_turns: int = 4
   # Question kinds asked first, right after the image. With 1-D RoPE a small model reads where a patch is
   # from how far it lies from the question, which teaches a place only when that distance is the same each
-  # time (benchmarks/learnability.py --docs; README "The demo").
+  # time (benchmarks/learnability.py --docs; docs/demo_tuning.md).
   qa_first_kinds: tuple[str, ...] = ()
   qa_first_prob: float = 1.0  # the share of documents that put qa_first_kinds first (the rest: random order)
   min_image_patches: int = 4  # below this an image says too little; drop turns (or the document) instead
