@@ -6,11 +6,11 @@ What changed from tuna2_tiny and why (each measured against the 10-minute budget
     generation on the `shapes/draw` drawings (one 17-26 px shape in the middle of 48 x 48, below the word
     where they would overlap, and in 80 % of them a word on the top row), mixed 4 : 6 (the paper: 3 : 7, at
     which reading stayed on its plateau, run f2): in ten minutes the model learns to draw a named shape in
-    the named color (from 5 seeds of 6; it reads from 3 of 6), and not yet to lay out the scenes of `small`
-    (docs/demo_tuning.md); drawing the words is what makes it read them (runs w0-w2 against f1s1, f1s2); the
-    shapes' size trades the drawings' colors against reading (runs w, m, b: 14-23, 17-26, 20-30 px); 36
-    patches of 8 px an image, rows of 256 tokens, 8 rows a step: ~2K tokens a step, ~1400 steps in the
-    budget;
+    the named color (from 5 seeds of 6, runs cf0-cf5; it reads from 5, both from 4), and not yet to lay
+    out the scenes of `small` (docs/demo_tuning.md); drawing the words is what makes it read them (runs
+    w0-w2 against f1s1, f1s2); the shapes' size trades the drawings' colors against reading (runs w, m, b:
+    14-23, 17-26, 20-30 px); 36 patches of 8 px an image, rows of 256 tokens, 8 rows a step: ~2K tokens a
+    step, ~1400 steps in the budget;
   - a 512-id byte-level BPE trained on the dataset's text (tuna2_jax.input.bpe; the demo writes it next to
     the data): texts ~4x shorter than bytes, every answer one or two tokens;
   - a scene's questions in one understanding document (max_qa_turns 8), the caption last; half of the
