@@ -176,10 +176,11 @@ def xla_vs_chunked(lengths, *, b=1, hq=8, hkv=2, d=64, iters=3) -> list[dict]:
 
 def closed_form_speedup(rows: list[dict]) -> list[dict]:
   """Autodiff time / closed-form time of the dense backend, per shape and mode (> 1: closed form faster)."""
-  ms = {(r["L"], r["B"], r["D"], r["mode"], r["impl"]): r["ms"] for r in rows}
-  return [dict(L=r["L"], B=r["B"], D=r["D"], mode=r["mode"],
-               autodiff_over_closed_form=round(ms[(*key, "xla_autodiff")] / r["ms"], 2))
-          for r in rows if r["impl"] == "xla" for key in [(r["L"], r["B"], r["D"], r["mode"])]]
+  fields = ("L", "B", "D", "mode")
+  key = lambda r: tuple(r[f] for f in fields)
+  autodiff = {key(r): r["ms"] for r in rows if r["impl"] == "xla_autodiff"}
+  return [dict(zip(fields, key(r)), autodiff_over_closed_form=round(autodiff[key(r)] / r["ms"], 2))
+          for r in rows if r["impl"] == "xla"]
 
 
 # ------------------------------------------------------------------------------------------------ GPU matrix
